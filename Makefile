@@ -1,0 +1,72 @@
+# nvila developer entry points.
+#   make demo      set up .venv (if needed) and run the demo on the bundled default model
+#   make test      set up .venv (if needed) and run the default test suite (no slow tests)
+#   make test-all  same, including tests marked slow
+#   make bench     run every benchmarks/bench_*.py
+#   make clean     remove build/test caches;  make distclean  also removes .venv and outputs
+#
+# Variables: PYTHON (interpreter used to create .venv), PYTEST_ARGS (extra pytest flags,
+# e.g. PYTEST_ARGS='-n 2 -x'), ARGS (extra flags for the demo).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.stamp
+# CPU wheel of this version lies on the dev/CI machines' disk. Installed before the project so
+# that the project's plain `torch>=...` requirement is already satisfied and pip never resolves
+# (and downloads) a multi-GB CUDA build.
+TORCH_VERSION ?= 2.13.0
+EXTRAS ?= dev,video,serve
+PYTEST_ARGS ?=
+ARGS ?=
+
+# `pip install -q ARGS`, keeping errors and warnings on stderr but dropping the host pip config's
+# harmless "Location 'file:///opt/...' is ignored" noise; pip's exit status is kept.
+quiet_pip = $(PIP) install -q $(1) 2>$(VENV)/.pip-stderr; rc=$$?; \
+	grep -v "is ignored: it is neither a file nor a directory" $(VENV)/.pip-stderr >&2; \
+	rm -f $(VENV)/.pip-stderr; [ $$rc -eq 0 ]
+
+.DEFAULT_GOAL := test
+.PHONY: venv test test-all demo bench clean distclean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if ! $(PY) -c 'import sys' >/dev/null 2>&1; then \
+		echo "creating $(VENV) with $(PYTHON)"; \
+		$(PYTHON) -m venv --clear $(VENV); \
+	fi
+	@if ! $(PY) -c 'import sys, torch; sys.exit(torch.__version__.split("+")[0] != "$(TORCH_VERSION)")' >/dev/null 2>&1; then \
+		echo "installing torch==$(TORCH_VERSION)"; \
+		$(call quiet_pip,torch==$(TORCH_VERSION)); \
+	fi
+	@echo "installing nvila (editable, extras: $(EXTRAS))"
+	@$(call quiet_pip,-e '.[$(EXTRAS)]')
+	@touch $@
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: venv
+	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m nvila.demo $(ARGS)
+
+bench: venv
+	@found=0; \
+	for f in benchmarks/bench_*.py; do \
+		[ -e "$$f" ] || continue; \
+		found=1; \
+		echo "== $$f"; \
+		$(PY) "$$f" || exit $$?; \
+	done; \
+	[ $$found = 1 ] || echo "no benchmarks/bench_*.py scripts yet: nothing to run"
+
+clean:
+	rm -rf build dist .pytest_cache src/*.egg-info
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) out .demo

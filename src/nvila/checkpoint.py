@@ -1,0 +1,235 @@
+"""The published NVILA checkpoint layout <-> our modules.
+
+Layout (format ``llava_llama``)::
+
+    <ckpt>/config.json      top-level config (see config.py)
+    <ckpt>/llm/             Qwen2 weights (model*.safetensors) + tokenizer files
+    <ckpt>/vision_tower/    SigLIP weights, keys "vision_model.*"
+    <ckpt>/mm_projector/    projector weights, keys "layers.<i>.weight|bias"
+
+This module owns: finding a component's safetensors files (single file or sharded index), one key
+map per component, strict key checking (missing and unexpected keys are errors), the vocabulary
+resize of spec §2.2, and the tokenizer with its run-time additions (spec §3.1). Pickle files are
+never loaded. It does not know how the modules compute anything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import ConfigError, TokenIds
+from .llm import fit_vocab_rows
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("llm", "vision_tower", "mm_projector")
+SENTINEL = "<vila/sentinel>"
+MEDIA_TOKENS = {"image": "<image>", "video": "<vila/video>"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory does not match the published layout, or its weights do not fit."""
+
+
+# ---------------------------------------------------------------------------------------- layout
+def check_layout(path: str | os.PathLike) -> Path:
+    """Return the checkpoint root, or raise ``CheckpointError`` naming what is missing."""
+    root = Path(path)
+    if not root.exists():
+        raise CheckpointError(f"{root}: no such checkpoint directory")
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory (expected a checkpoint with config.json, llm/, "
+                              f"vision_tower/, mm_projector/)")
+    missing = [n for n in ("config.json", *COMPONENTS) if not (root / n).exists()]
+    if missing:
+        raise CheckpointError(f"{root}: not an NVILA checkpoint in the published layout (missing: "
+                              f"{', '.join(missing)})")
+    return root
+
+
+def safetensors_files(component_dir: Path) -> list[Path]:
+    """The safetensors files of one component: a sharded index if present, else ``*.safetensors``."""
+    index = component_dir / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map", {})
+        files = sorted({component_dir / name for name in weight_map.values()})
+    else:
+        files = sorted(component_dir.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in component_dir.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = f" (found {', '.join(pickled)}: pickle files are not loaded; convert them to safetensors)" if pickled else ""
+        raise CheckpointError(f"{component_dir}: no safetensors weights{hint}")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the shard index but missing")
+    return files
+
+
+def read_state(component_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a component, as stored (CPU, file dtype)."""
+    state: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(component_dir):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
+    return state
+
+
+def read_metadata(component_dir: Path) -> dict[str, str]:
+    """The ``__metadata__`` of the first safetensors file of a component."""
+    with safe_open(safetensors_files(component_dir)[0], framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {})
+
+
+# -------------------------------------------------------------------------------------- key maps
+def _identity(key: str) -> str:
+    return key
+
+
+# Published key -> module key, one map per component. The published layouts use transformers' own
+# names (Qwen2ForCausalLM, SiglipVisionModel) and the projector's nn.Sequential indices.
+KEY_MAPS: dict[str, Callable[[str], str]] = {
+    "llm": _identity,
+    "vision_tower": _identity,
+    "mm_projector": _identity,
+}
+
+
+def load_component(module: nn.Module, name: str, state: dict[str, torch.Tensor],
+                   *, tied: tuple[str, ...] = ()) -> None:
+    """Copy ``state`` (published keys) into ``module`` through the component's key map.
+
+    Args:
+        module: the materialised component (parameters allocated, any dtype/device).
+        name: component name, a key of ``KEY_MAPS``.
+        state: published tensors.
+        tied: module keys that alias another parameter and may be absent from (or duplicated in) the file.
+
+    Raises:
+        CheckpointError: on missing or unexpected keys, or on a shape mismatch.
+    """
+    rename = KEY_MAPS[name]
+    mapped = {rename(k): v for k, v in state.items()}
+    expected = set(module.state_dict())
+    missing = sorted(expected - set(mapped) - set(tied))
+    unexpected = sorted(set(mapped) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        raise CheckpointError(f"{name}: weights do not match the model ({'; '.join(parts)})")
+    own = module.state_dict()
+    for key, value in mapped.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise CheckpointError(f"{name}: {key} has shape {tuple(value.shape)} in the checkpoint, "
+                                  f"the model expects {tuple(own[key].shape)}")
+    for key in tied:
+        mapped.pop(key, None)
+    with torch.no_grad():
+        module.load_state_dict(mapped, strict=False)
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_llm_state(llm: nn.Module, state: dict[str, torch.Tensor], vocab_size: int, tied: bool) -> None:
+    """Load the LLM, resizing the vocabulary rows to ``vocab_size`` as the reference does (spec §2.2)."""
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        if key in state and state[key].shape[0] != vocab_size:
+            logger.info("resizing %s from %d to %d rows (new rows = mean of the old ones)",
+                        key, state[key].shape[0], vocab_size)
+            state[key] = fit_vocab_rows(state[key], vocab_size)
+    load_component(llm, "llm", state, tied=("lm_head.weight",) if tied else ())
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+# VILA's "qwen2" chat template (rendering described in spec §3.2): a default system line without a
+# final period unless the first message is a system message; messages with content None are skipped.
+CHAT_TEMPLATES = {
+    "qwen2": (
+        "{% if messages[0]['role'] != 'system' %}"
+        "{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}"
+        "{% endif %}"
+        "{% for message in messages if message['content'] is not none %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
+
+
+
+def resolve_chat_template(config, tok) -> str:
+    """The template the reference uses: ``config.chat_template`` by name if set, else the tokenizer's."""
+    if config.chat_template is not None:
+        if config.chat_template not in CHAT_TEMPLATES:
+            raise CheckpointError(f"unknown chat_template {config.chat_template!r}; valid: {sorted(CHAT_TEMPLATES)}")
+        return CHAT_TEMPLATES[config.chat_template]
+    if not tok.chat_template:
+        logger.warning("the tokenizer has no chat template; using VILA's qwen2 template")
+    return tok.chat_template or CHAT_TEMPLATES["qwen2"]
+
+
+def load_tokenizer(llm_dir: str | os.PathLike):
+    """transformers' fast tokenizer of ``llm/`` with NVILA's run-time additions, and its ids.
+
+    Additions in the reference order (spec §3.1): ``<vila/sentinel>``, then ``<image>``, then
+    ``<vila/video>``, each added as a special token only if absent. Stop tokens are the token that
+    follows an assistant turn in the chat template, plus ``eos_token``.
+
+    Returns:
+        (tokenizer, TokenIds)
+    """
+    from transformers import AutoTokenizer
+
+    llm_dir = Path(llm_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(os.fspath(llm_dir), padding_side="right", use_fast=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{llm_dir}: cannot load the tokenizer ({e})") from None
+    for token in (SENTINEL, *MEDIA_TOKENS.values()):
+        if tok.convert_tokens_to_ids(token) in (None, tok.unk_token_id):
+            tok.add_tokens([token], special_tokens=True)
+    return tok
+
+
+def token_ids(tok, chat_template: str) -> TokenIds:
+    """Derive the special ids NVILA needs from a tokenizer that went through ``load_tokenizer``."""
+    stop = {tok.eos_token} if tok.eos_token else set()
+    dummy = []
+    for i in range(3):
+        dummy += [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": SENTINEL}]
+    text = tok.apply_chat_template(dummy, chat_template=chat_template, tokenize=False)
+    for tail in text.split(SENTINEL)[1:]:
+        pieces = tok.tokenize(tail)
+        if pieces:
+            stop.add(pieces[0])
+    stop_ids = sorted(tok.convert_tokens_to_ids(t) for t in stop)
+    newline = tok("\n", add_special_tokens=False).input_ids
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
+    return TokenIds(
+        image=tok.convert_tokens_to_ids(MEDIA_TOKENS["image"]),
+        video=tok.convert_tokens_to_ids(MEDIA_TOKENS["video"]),
+        pad=pad,
+        stop=tuple(stop_ids),
+        newline=tuple(newline),
+        vocab_size=len(tok),
+    )
+
+

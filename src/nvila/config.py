@@ -1,0 +1,359 @@
+"""Typed configs for NVILA models, and the one place that reads published ``config.json`` files.
+
+A published checkpoint (format ``llava_llama``) has a top-level ``config.json`` that embeds copies of
+the three component configs (``llm_cfg``, ``vision_tower_cfg``, ``mm_projector_cfg``). Each component
+directory (``llm/``, ``vision_tower/``, ``mm_projector/``) also carries its own ``config.json``; when
+present, those win. Everything is translated here, once, into the dataclasses below; the rest of the
+package never looks at raw JSON.
+
+These configs describe the model and its preprocessing only. They hold no training settings.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+IMAGE_ASPECT_RATIOS = ("dynamic_s2", "dynamic", "resize", "pad", "plain")
+
+
+class ConfigError(ValueError):
+    """A config file is missing, unreadable or describes a model this package cannot build."""
+
+
+@dataclass
+class LLMConfig:
+    """A Qwen2 causal language model (field names follow ``transformers.Qwen2Config``)."""
+
+    vocab_size: int = 151648
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    model_max_length: int = 8192
+    hidden_act: str = "silu"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+# Qwen2.5 bases of the NVILA family, keyed by hidden size: used only when a config omits `llm_cfg`
+# (the partial published configs do).
+LLM_PRESETS: dict[int, LLMConfig] = {
+    1536: LLMConfig(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                    num_key_value_heads=2, tie_word_embeddings=True),
+    3584: LLMConfig(),
+    5120: LLMConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+                    num_key_value_heads=8),
+}
+
+
+@dataclass
+class VisionConfig:
+    """A SigLIP vision transformer (defaults: so400m-patch14-448)."""
+
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
+    num_hidden_layers: int = 27
+    num_attention_heads: int = 16
+    image_size: int = 448
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu_pytorch_tanh"
+    select_layer: int = -2  # index into hidden_states (embeddings + one entry per layer)
+    select_feature: str = "cls_patch"  # "cls_patch": all tokens; "patch": drop token 0
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.select_feature not in ("cls_patch", "patch"):
+            raise ConfigError(f"unknown mm_vision_select_feature {self.select_feature!r}; valid: cls_patch, patch")
+        if not -self.num_hidden_layers - 1 <= self.select_layer <= self.num_hidden_layers:
+            raise ConfigError(f"mm_vision_select_layer {self.select_layer} is out of range")
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of one tile (448 / 14 = 32)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_layers_used(self) -> int:
+        """Encoder layers that must run to produce ``hidden_states[select_layer]``."""
+        n = self.num_hidden_layers + 1
+        return (self.select_layer % n)
+
+
+@dataclass
+class VideoEncoderConfig:
+    """How per-frame features become LLM tokens.
+
+    ``kind`` is ``"basic"`` (every frame kept) or ``"tsp"`` (average-pool groups of frames/rows/cols,
+    one output per entry of ``pool_sizes``, each ``(frames, rows, cols)``).
+    """
+
+    kind: str = "basic"
+    pool_sizes: list[tuple[int, int, int]] = field(default_factory=list)
+    start_tokens: str | None = None
+    end_tokens: str | None = "\n"
+    sep_tokens: str | None = None
+
+
+@dataclass
+class ImageEncoderConfig:
+    start_tokens: str | None = None
+    end_tokens: str | None = "\n"
+
+
+# `_target_` class names written by the reference training code -> our encoder kinds.
+VIDEO_ENCODERS = {"BasicVideoEncoder": "basic", "TSPVideoEncoder": "tsp"}
+IMAGE_ENCODERS = {"BasicImageEncoder"}
+
+
+@dataclass
+class NVILAConfig:
+    """Everything that changes NVILA inference behaviour."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector_type: str = "mlp_downsample"
+    image_aspect_ratio: str = "dynamic_s2"
+    s2_scales: tuple[int, ...] | None = (448, 896, 1344)
+    s2_resize_output_to_scale_idx: int = -1
+    max_tiles: int = 12
+    min_tiles: int = 1
+    video_max_tiles: int = 1
+    num_video_frames: int = 8
+    fps: float = 0.0
+    image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    video_encoder: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
+    num_time_tokens: int = 0
+    time_token_format: str = "<t{t}>"
+    chat_template: str | None = None
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    mm_hidden_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            # The reference falls through to a plain resize for any other value.
+            logger.warning("image_aspect_ratio %r is not special-cased; images are resized to one tile",
+                           self.image_aspect_ratio)
+            self.image_aspect_ratio = "plain"
+        if self.image_aspect_ratio == "dynamic_s2":
+            if not self.s2_scales:
+                raise ConfigError("image_aspect_ratio 'dynamic_s2' needs s2_scales")
+            self.s2_scales = tuple(int(s) for s in self.s2_scales)
+            if self.s2_scales[0] != self.vision.image_size or any(s % self.vision.image_size for s in self.s2_scales):
+                raise ConfigError(f"s2_scales {self.s2_scales} must be multiples of the tile size "
+                                  f"{self.vision.image_size}, starting with it")
+        else:
+            self.s2_scales = None
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ConfigError(f"need 1 <= min_tiles <= max_tiles, got {self.min_tiles}, {self.max_tiles}")
+        if self.num_video_frames < 1:
+            raise ConfigError(f"num_video_frames must be >= 1, got {self.num_video_frames}")
+        self.mm_hidden_size = self.vision.hidden_size * (len(self.s2_scales) if self.s2_scales else 1)
+
+    @property
+    def is_dynamic_s2(self) -> bool:
+        return self.image_aspect_ratio == "dynamic_s2"
+
+    def with_overrides(self, **changes: Any) -> "NVILAConfig":
+        """A copy with some preprocessing fields changed (e.g. ``max_tiles``, ``num_video_frames``)."""
+        init = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        unknown = set(changes) - set(init)
+        if unknown:
+            raise ConfigError(f"unknown config fields {sorted(unknown)}; valid: {sorted(init)}")
+        init.update(changes)
+        return NVILAConfig(**init)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # ------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "NVILAConfig":
+        """Read a checkpoint directory or a bare top-level ``config.json``."""
+        path = Path(path)
+        root = path if path.is_dir() else path.parent
+        cfg_file = path / "config.json" if path.is_dir() else path
+        top = _read_json(cfg_file)
+        llm_raw = _component(root, "llm", top.get("llm_cfg"), path.is_dir())
+        vis_raw = _component(root, "vision_tower", top.get("vision_tower_cfg"), path.is_dir())
+        proj_raw = _component(root, "mm_projector", top.get("mm_projector_cfg"), path.is_dir())
+        pre_raw = {}
+        if path.is_dir() and (root / "vision_tower" / "preprocessor_config.json").is_file():
+            pre_raw = _read_json(root / "vision_tower" / "preprocessor_config.json")
+        tok_max_len = None
+        if path.is_dir() and (root / "llm" / "tokenizer_config.json").is_file():
+            tok_max_len = _read_json(root / "llm" / "tokenizer_config.json").get("model_max_length")
+        return cls.from_dict(top, llm_raw, vis_raw, proj_raw, pre_raw, tok_max_len)
+
+    @classmethod
+    def from_dict(cls, top: dict, llm_raw: dict | None = None, vis_raw: dict | None = None,
+                  proj_raw: dict | None = None, pre_raw: dict | None = None,
+                  tokenizer_max_length: int | None = None) -> "NVILAConfig":
+        model_type = top.get("model_type", "llava_llama")
+        if model_type not in ("llava_llama", "vila"):
+            raise ConfigError(f"unsupported model_type {model_type!r}; this loader reads the published "
+                              f"NVILA layout (model_type 'llava_llama' or 'vila')")
+        llm = _llm_config(top, llm_raw, tokenizer_max_length)
+        vision = _vision_config(top, vis_raw or {})
+        proj_raw = proj_raw or {}
+        projector_type = proj_raw.get("mm_projector_type") or top.get("mm_projector_type")
+        if projector_type is None:
+            raise ConfigError("the config names no mm_projector_type (mm_projector_cfg)")
+        dynamic_s2 = bool(top.get("dynamic_s2")) or top.get("image_aspect_ratio") == "dynamic_s2"
+        aspect = top.get("image_aspect_ratio") or "plain"
+        if dynamic_s2:
+            aspect = "dynamic_s2"
+        if top.get("s2") and not dynamic_s2:
+            raise ConfigError("non-dynamic S2 (config 's2': true) is not used by any published NVILA "
+                              "checkpoint and is not supported")
+        scales = top.get("s2_scales")
+        if isinstance(scales, str):
+            scales = [int(s) for s in scales.split(",")]
+        pre_raw = pre_raw or {}
+        cfg = cls(
+            llm=llm,
+            vision=vision,
+            projector_type=projector_type,
+            image_aspect_ratio=aspect,
+            s2_scales=tuple(scales) if scales else None,
+            s2_resize_output_to_scale_idx=int(top.get("s2_resize_output_to_scale_idx", -1) if dynamic_s2 else 0),
+            max_tiles=int(top.get("max_tiles") or 12),
+            min_tiles=int(top.get("min_tiles") or 1),
+            video_max_tiles=int(top.get("video_max_tiles") or 1),
+            num_video_frames=int(top.get("num_video_frames") or 8),
+            fps=float(top.get("fps") or 0.0),
+            image_encoder=_image_encoder(top.get("image_encoder")),
+            video_encoder=_video_encoder(top.get("video_encoder")),
+            num_time_tokens=int(top.get("num_time_tokens") or 0),
+            time_token_format=top.get("time_token_format") or "<t{t}>",
+            chat_template=top.get("chat_template"),
+            image_mean=tuple(pre_raw.get("image_mean", (0.5, 0.5, 0.5))),
+            image_std=tuple(pre_raw.get("image_std", (0.5, 0.5, 0.5))),
+        )
+        stored_mm = top.get("mm_hidden_size")
+        if stored_mm is not None and int(stored_mm) != cfg.mm_hidden_size:
+            logger.info("config mm_hidden_size %s recomputed as %s (vision hidden x scales), as the reference does",
+                        stored_mm, cfg.mm_hidden_size)
+        return cfg
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
+
+
+def _component(root: Path, name: str, embedded: Any, is_dir: bool) -> dict | None:
+    """A component config: its own ``<root>/<name>/config.json`` if present, else the embedded copy."""
+    own = root / name / "config.json"
+    if is_dir and own.is_file():
+        return _read_json(own)
+    if isinstance(embedded, str):
+        embedded = json.loads(embedded)
+    return embedded if isinstance(embedded, dict) else None
+
+
+def _llm_config(top: dict, raw: dict | None, tokenizer_max_length: int | None) -> LLMConfig:
+    if raw is None:
+        hidden = top.get("hidden_size")
+        if hidden not in LLM_PRESETS:
+            raise ConfigError(f"the config has no llm_cfg and hidden_size {hidden!r} matches no known "
+                              f"Qwen2.5 base; known hidden sizes: {sorted(LLM_PRESETS)}")
+        logger.warning("config has no llm_cfg; assuming the Qwen2.5 base with hidden size %s", hidden)
+        return replace(LLM_PRESETS[hidden])
+    model_type = raw.get("model_type", "qwen2")
+    if model_type != "qwen2":
+        raise ConfigError(f"unsupported LLM model_type {model_type!r}; valid: qwen2")
+    base = LLM_PRESETS.get(raw.get("hidden_size"), LLMConfig())
+    values = {f.name: raw[f.name] for f in fields(LLMConfig) if f.name in raw and raw[f.name] is not None}
+    if "model_max_length" not in values:
+        values["model_max_length"] = raw.get("tokenizer_model_max_length") or tokenizer_max_length or 8192
+    if raw.get("use_sliding_window"):
+        raise ConfigError("sliding-window attention is not used by NVILA and not supported")
+    return replace(base, **values)
+
+
+def _vision_config(top: dict, raw: dict) -> VisionConfig:
+    model_type = raw.get("model_type", "siglip_vision_model")
+    if model_type != "siglip_vision_model":
+        raise ConfigError(f"unsupported vision tower model_type {model_type!r}; valid: siglip_vision_model")
+    if raw.get("vision_use_head"):
+        logger.info("vision_use_head is set; the pooling head is not used by NVILA features")
+    values = {f.name: raw[f.name] for f in fields(VisionConfig) if f.name in raw}
+    values["select_layer"] = int(top.get("mm_vision_select_layer", -2))
+    values["select_feature"] = top.get("mm_vision_select_feature", "cls_patch")
+    return VisionConfig(**values)
+
+
+def _encoder_spec(raw: Any) -> dict | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ConfigError(f"encoder config {raw!r} is not valid JSON") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"encoder config must be an object, got {type(raw).__name__}")
+    return raw
+
+
+def _image_encoder(raw: Any) -> ImageEncoderConfig:
+    spec = _encoder_spec(raw)
+    if spec is None:
+        return ImageEncoderConfig()
+    target = spec.get("_target_", "BasicImageEncoder").rsplit(".", 1)[-1]
+    if target not in IMAGE_ENCODERS:
+        raise ConfigError(f"unknown image encoder {target!r}; valid: {sorted(IMAGE_ENCODERS)}")
+    return ImageEncoderConfig(start_tokens=spec.get("start_tokens"), end_tokens=spec.get("end_tokens", "\n"))
+
+
+def _video_encoder(raw: Any) -> VideoEncoderConfig:
+    spec = _encoder_spec(raw)
+    if spec is None:
+        return VideoEncoderConfig()
+    target = spec.get("_target_", "BasicVideoEncoder").rsplit(".", 1)[-1]
+    if target not in VIDEO_ENCODERS:
+        raise ConfigError(f"unknown video encoder {target!r}; valid: {sorted(VIDEO_ENCODERS)}")
+    kind = VIDEO_ENCODERS[target]
+    pools = [tuple(int(v) for v in p) for p in spec.get("pool_sizes", [])]
+    if kind == "tsp" and (not pools or any(len(p) != 3 or min(p) < 1 for p in pools)):
+        raise ConfigError(f"TSP video encoder needs pool_sizes of positive (frames, rows, cols), got {pools}")
+    return VideoEncoderConfig(kind=kind, pool_sizes=pools, start_tokens=spec.get("start_tokens"),
+                              end_tokens=spec.get("end_tokens", "\n"), sep_tokens=spec.get("sep_tokens"))
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Special token ids of a checkpoint, derived from its tokenizer at load time (never hard-coded)."""
+
+    image: int
+    video: int
+    pad: int
+    stop: tuple[int, ...]
+    newline: tuple[int, ...]
+    vocab_size: int

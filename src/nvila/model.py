@@ -1,0 +1,227 @@
+"""NVILA: vision tower + projector + Qwen2, fused with one ``masked_scatter``.
+
+Contract: the processor has already expanded every media placeholder into exactly as many
+media-token ids (``TokenIds.image`` / ``TokenIds.video``) as there are visual feature rows, in order;
+start/end tokens such as the trailing ``"\\n"`` are ordinary token ids. The model embeds the ids,
+encodes the media, checks the counts, and writes the features into the media positions. It knows
+no tokenizer and no file formats (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import (CheckpointError, check_layout, load_component, load_llm_state, load_tokenizer,
+                         read_state, resolve_chat_template, token_ids)
+from .config import ConfigError, NVILAConfig, TokenIds
+from .llm import build_llm, reset_llm_buffers
+from .projector import build_projector
+from .temporal import encode_video_features
+from .vision import VisionTower, s2_blocks, s2_output_grid, s2_unblock
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class NVILAOutput:
+    logits: torch.Tensor  # (B, L, V) or (B, logits_to_keep, V)
+    past_key_values: object | None = None
+    loss: torch.Tensor | None = None
+
+
+class NVILAForConditionalGeneration(nn.Module):
+    """The NVILA model. Submodules ``vision_tower``, ``mm_projector`` and ``llm`` mirror the layout."""
+
+    def __init__(self, config: NVILAConfig, ids: TokenIds):
+        super().__init__()
+        self.config = config
+        self.ids = ids
+        self.vision_tower = VisionTower(config.vision)
+        self.mm_projector = build_projector(config.projector_type, config.mm_hidden_size, config.llm.hidden_size)
+        self.llm = build_llm(config.llm, vocab_size=ids.vocab_size)
+
+    # --------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
+                        dtype: torch.dtype | None = None, device: torch.device | str | None = None
+                        ) -> "NVILAForConditionalGeneration":
+        """Load a checkpoint in the published layout.
+
+        Modules are built on the meta device, then allocated on ``device`` in ``dtype`` (default
+        float32) and filled from safetensors through the per-component key maps.
+        """
+        root = check_layout(path)
+        dtype = dtype or torch_dtype or torch.float32
+        device = torch.device(device or "cpu")
+        try:
+            config = NVILAConfig.from_pretrained(root)
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        tok = load_tokenizer(Path(root) / "llm")
+        ids = token_ids(tok, resolve_chat_template(config, tok))
+        model = cls.on_meta(config, ids).materialize(device, dtype)
+        load_llm_state(model.llm, read_state(root / "llm"), ids.vocab_size, config.llm.tie_word_embeddings)
+        load_component(model.vision_tower, "vision_tower", read_state(root / "vision_tower"))
+        load_component(model.mm_projector, "mm_projector", read_state(root / "mm_projector"))
+        return model.eval()
+
+    @classmethod
+    def on_meta(cls, config: NVILAConfig, ids: TokenIds) -> "NVILAForConditionalGeneration":
+        """The model with no storage: for shape inspection, parameter counts, or ``materialize``."""
+        with torch.device("meta"):
+            return cls(config, ids)
+
+    def materialize(self, device: torch.device | str, dtype: torch.dtype) -> "NVILAForConditionalGeneration":
+        """Allocate (uninitialised) storage for a meta model, and rebuild its non-persistent buffers."""
+        self.to(dtype=dtype)
+        self.to_empty(device=device)
+        reset_llm_buffers(self.llm, device)
+        self.vision_tower.reset_buffers(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.model.embed_tokens.weight.dtype
+
+    # -------------------------------------------------------------------------------- encoders
+    def encode_images(self, pixel_values: torch.Tensor, block_sizes: list) -> torch.Tensor:
+        """Tiles of all image media -> visual feature rows, in media order.
+
+        Args:
+            pixel_values: (N_tiles, 3, S, S); for a dynamic-S2 image with block (r, c) its
+                1 + 4 + r*c multi-scale tiles, otherwise one tile per medium.
+            block_sizes: one (rows, cols) or None per medium.
+        Returns:
+            (N_visual, D)
+        """
+        feats = self.vision_tower(pixel_values.to(self.vision_tower.dtype))  # (N, g*g, C)
+        if not self.config.is_dynamic_s2:
+            return self.mm_projector(feats).flatten(0, 1)
+        scales, tile = self.config.s2_scales, self.config.vision.image_size
+        per_scale = sum((s // tile) ** 2 for s in scales[:-1])
+        blocks, grids, start = [], [], 0
+        for bs in block_sizes:
+            n = 1 if bs is None else per_scale + bs[0] * bs[1]
+            blocks.append(s2_blocks(feats[start:start + n], bs, scales, tile, self.config.s2_resize_output_to_scale_idx))
+            grids.append(None if bs is None else s2_output_grid(bs, scales, tile, self.config.s2_resize_output_to_scale_idx))
+            start += n
+        if start != feats.shape[0]:
+            raise ValueError(f"pixel_values has {feats.shape[0]} tiles but the block sizes account for {start}")
+        tokens = self.mm_projector(torch.cat(blocks))  # (sum blocks, t, D)
+        out, start = [], 0
+        for b, grid in zip(blocks, grids):
+            chunk = tokens[start:start + b.shape[0]]
+            out.append(s2_unblock(chunk, grid) if grid is not None else chunk.flatten(0, 1))
+            start += b.shape[0]
+        return torch.cat(out)
+
+    def encode_videos(self, pixel_values_videos: torch.Tensor, num_frames: list[int]) -> torch.Tensor:
+        """Frames of all videos (N_frames, 3, S, S) -> visual feature rows (N_visual, D), video order."""
+        feats = self.vision_tower(pixel_values_videos.to(self.vision_tower.dtype))  # (N, g*g, C)
+        if self.config.is_dynamic_s2:
+            feats = feats.repeat(1, 1, len(self.config.s2_scales))  # spec §6.3: one scale, repeated
+        frames = self.mm_projector(feats)  # (N, t, D)
+        return torch.cat([encode_video_features(v, self.config.video_encoder) for v in frames.split(num_frames)])
+
+    # --------------------------------------------------------------------------------- forward
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_block_sizes: list | None = None, pixel_values_videos: torch.Tensor | None = None,
+              video_num_frames: list[int] | None = None) -> torch.Tensor:
+        """Token embeddings with the visual features written into the media positions: (B, L, D)."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        for kind, token, pixels, meta, encode in (
+            ("image", self.ids.image, pixel_values, image_block_sizes, self.encode_images),
+            ("video", self.ids.video, pixel_values_videos, video_num_frames, self.encode_videos),
+        ):
+            mask = input_ids == token  # (B, L)
+            if pixels is None:
+                if mask.any():
+                    raise ValueError(f"input_ids contain {kind} tokens but no {kind} pixels were given")
+                continue
+            if meta is None:
+                raise ValueError(f"{kind} pixels were given without their "
+                                 f"{'image_block_sizes' if kind == 'image' else 'video_num_frames'}")
+            feats = encode(pixels, meta).to(embeds.dtype)  # (N_visual, D)
+            n_tokens = int(mask.sum())  # one host sync per prefill, for a clear error below
+            if n_tokens != feats.shape[0]:
+                raise ValueError(f"{kind} token count mismatch: input_ids hold {n_tokens} {kind} tokens but "
+                                 f"the media produce {feats.shape[0]} feature rows; expand placeholders with "
+                                 f"NVILAProcessor")
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats)
+        return embeds
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, image_block_sizes: list | None = None,
+                pixel_values_videos: torch.Tensor | None = None, video_num_frames: list[int] | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> NVILAOutput:
+        """input_ids (B, L) -> logits (B, L, V). Left or right padding; positions restart after padding."""
+        embeds = self.embed(input_ids, pixel_values, image_block_sizes, pixel_values_videos, video_num_frames)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        loss = None
+        if labels is not None:
+            logits = out.logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return NVILAOutput(logits=out.logits, past_key_values=out.past_key_values, loss=loss)
+
+    # -------------------------------------------------------------------------------- generate
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 **media) -> torch.Tensor:
+        """Decode new tokens after the prompt; returns (B, L + new) ids, as transformers does.
+
+        Defaults follow the reference (spec §3.4): greedy, stop on the checkpoint's stop tokens,
+        and at most ``model_max_length - L`` new tokens. Finished rows are filled with ``pad``.
+        """
+        from .sampling import SamplingParams, sample
+
+        params = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty)
+        stop = torch.tensor(self.ids.stop if eos_token_id is None else
+                            ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
+                            device=input_ids.device)
+        pad = self.ids.pad if pad_token_id is None else pad_token_id
+        if max_new_tokens is None:
+            max_new_tokens = max(self.config.llm.model_max_length - input_ids.shape[1], 0)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        out = self(input_ids, attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1, **media)
+        positions = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1) last real position
+        seqs, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            nxt = sample(out.logits[:, -1].float(), seqs, params, generator)  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+            done = done | torch.isin(nxt, stop)
+            if bool(done.all()):
+                break
+            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)[:, None]], dim=1)
+            positions = positions + 1
+            out = self.llm(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=positions,
+                           past_key_values=out.past_key_values, use_cache=True)
+        return seqs
