@@ -73,10 +73,25 @@ class NVILAForConditionalGeneration(nn.Module):
         return model.eval()
 
     @classmethod
-    def on_meta(cls, config: NVILAConfig, ids: TokenIds) -> "NVILAForConditionalGeneration":
-        """The model with no storage: for shape inspection, parameter counts, or ``materialize``."""
+    def on_meta(cls, config: NVILAConfig, ids: TokenIds | None = None) -> "NVILAForConditionalGeneration":
+        """The model with no storage: for shape inspection, parameter counts, or ``materialize``.
+
+        Without ``ids`` (a bare config, no tokenizer) the stored ``llm.vocab_size`` is used and the
+        special ids are unset (-1): such a model can be counted but not run.
+        """
+        if ids is None:
+            ids = TokenIds(image=-1, video=-1, pad=-1, stop=(), newline=(), vocab_size=config.llm.vocab_size)
         with torch.device("meta"):
             return cls(config, ids)
+
+    def num_parameters(self) -> dict[str, int]:
+        """Parameter count per component (tied weights counted once) and the total."""
+        counts = {}
+        for name in ("vision_tower", "mm_projector", "llm"):
+            seen = {id(p): p.numel() for p in getattr(self, name).parameters()}
+            counts[name] = sum(seen.values())
+        counts["total"] = sum(counts.values())
+        return counts
 
     def materialize(self, device: torch.device | str, dtype: torch.dtype) -> "NVILAForConditionalGeneration":
         """Allocate (uninitialised) storage for a meta model, and rebuild its non-persistent buffers."""
@@ -186,11 +201,12 @@ class NVILAForConditionalGeneration(nn.Module):
                  max_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 **media) -> torch.Tensor:
+                 streamer=None, **media) -> torch.Tensor:
         """Decode new tokens after the prompt; returns (B, L + new) ids, as transformers does.
 
         Defaults follow the reference (spec §3.4): greedy, stop on the checkpoint's stop tokens,
         and at most ``model_max_length - L`` new tokens. Finished rows are filled with ``pad``.
+        ``streamer`` (transformers' protocol) gets ``put(ids (B,))`` per step and ``end()``.
         """
         from .sampling import SamplingParams, sample
 
@@ -217,6 +233,8 @@ class NVILAForConditionalGeneration(nn.Module):
             nxt = sample(out.logits[:, -1].float(), seqs, params, generator)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+            if streamer is not None:
+                streamer.put(nxt)
             done = done | torch.isin(nxt, stop)
             if bool(done.all()):
                 break
@@ -224,4 +242,6 @@ class NVILAForConditionalGeneration(nn.Module):
             positions = positions + 1
             out = self.llm(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=positions,
                            past_key_values=out.past_key_values, use_cache=True)
+        if streamer is not None:
+            streamer.end()
         return seqs
