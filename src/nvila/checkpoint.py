@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -94,17 +93,23 @@ def read_metadata(component_dir: Path) -> dict[str, str]:
 
 
 # -------------------------------------------------------------------------------------- key maps
-def _identity(key: str) -> str:
-    return key
-
-
-# Published key -> module key, one map per component. The published layouts use transformers' own
-# names (Qwen2ForCausalLM, SiglipVisionModel) and the projector's nn.Sequential indices.
-KEY_MAPS: dict[str, Callable[[str], str]] = {
-    "llm": _identity,
-    "vision_tower": _identity,
-    "mm_projector": _identity,
+# One map per component: (published prefix, module prefix) pairs, first match wins. The published
+# layouts use transformers' own names (Qwen2ForCausalLM, SiglipVisionModel) and the projector's
+# nn.Sequential indices, so every map is the identity today; a renamed layout adds pairs here.
+KEY_MAPS: dict[str, list[tuple[str, str]]] = {
+    "llm": [("", "")],
+    "vision_tower": [("", "")],
+    "mm_projector": [("", "")],
 }
+
+
+def map_key(name: str, key: str, *, to_published: bool = False) -> str:
+    """Rename one key of component ``name`` (published -> module, or back with ``to_published``)."""
+    for published, ours in KEY_MAPS[name]:
+        src, dst = (ours, published) if to_published else (published, ours)
+        if key.startswith(src):
+            return dst + key[len(src):]
+    raise CheckpointError(f"{name}: key {key!r} matches no entry of the key map")
 
 
 def load_component(module: nn.Module, name: str, state: dict[str, torch.Tensor],
@@ -120,8 +125,7 @@ def load_component(module: nn.Module, name: str, state: dict[str, torch.Tensor],
     Raises:
         CheckpointError: on missing or unexpected keys, or on a shape mismatch.
     """
-    rename = KEY_MAPS[name]
-    mapped = {rename(k): v for k, v in state.items()}
+    mapped = {map_key(name, k): v for k, v in state.items()}
     expected = set(module.state_dict())
     missing = sorted(expected - set(mapped) - set(tied))
     unexpected = sorted(set(mapped) - expected)
@@ -233,3 +237,55 @@ def token_ids(tok, chat_template: str) -> TokenIds:
     )
 
 
+
+
+# ---------------------------------------------------------------------------------------- saving
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *,
+                    metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model`` (an ``NVILAForConditionalGeneration``) and its tokenizer in the published layout.
+
+    The directory appears atomically: everything is written to a sibling temporary directory which
+    is then renamed over ``out_dir`` (an existing ``out_dir`` is replaced).
+
+    Args:
+        model: the model; its ``config`` provides every JSON file.
+        tokenizer: the tokenizer to store in ``llm/`` (with the chat template).
+        out_dir: destination.
+        metadata: extra safetensors ``__metadata__`` for every weight file.
+    Returns:
+        The checkpoint path.
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        files = model.config.to_published()
+        _write_json(tmp / "config.json", files["config.json"])
+        tied = model.config.llm.tie_word_embeddings
+        for name in COMPONENTS:
+            (tmp / name).mkdir()
+            _write_json(tmp / name / "config.json", files[name])
+            state = {map_key(name, k, to_published=True): v.detach().to("cpu").contiguous()
+                     for k, v in getattr(model, name).state_dict().items()
+                     if not (name == "llm" and tied and k == "lm_head.weight")}
+            save_file(state, tmp / name / "model.safetensors", metadata={"format": "pt", **(metadata or {})})
+        _write_json(tmp / "vision_tower" / "preprocessor_config.json", files["preprocessor"])
+        tokenizer.save_pretrained(os.fspath(tmp / "llm"))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

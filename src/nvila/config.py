@@ -183,6 +183,42 @@ class NVILAConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def to_published(self) -> dict[str, dict]:
+        """The published JSON files: {"config.json", "llm", "vision_tower", "mm_projector",
+        "preprocessor"} -> dict. ``from_dict`` of these gives back an equal config."""
+        llm = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **asdict(self.llm),
+               "bos_token_id": None, "eos_token_id": None, "use_sliding_window": False, "sliding_window": None,
+               "max_window_layers": self.llm.num_hidden_layers, "rope_scaling": None, "attention_dropout": 0.0}
+        vision = {"architectures": ["SiglipVisionModel"], "model_type": "siglip_vision_model", "vision_use_head": False,
+                  **{k: v for k, v in asdict(self.vision).items() if k not in ("select_layer", "select_feature")}}
+        projector = {"architectures": ["MultimodalProjector"], "model_type": "v2l_projector",
+                     "mm_projector_type": self.projector_type}
+        s2 = self.s2_scales is not None
+        top = {
+            "architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "chat_template": self.chat_template,
+            "image_aspect_ratio": self.image_aspect_ratio, "dynamic_s2": s2, "s2": False,
+            "s2_scales": ",".join(str(v) for v in self.s2_scales) if s2 else None,
+            "s2_max_split_size": self.vision.image_size if s2 else None,
+            "s2_resize_output_to_scale_idx": self.s2_resize_output_to_scale_idx,
+            "max_tiles": self.max_tiles, "min_tiles": self.min_tiles, "video_max_tiles": self.video_max_tiles,
+            "num_video_frames": self.num_video_frames, "fps": self.fps,
+            "mm_hidden_size": self.mm_hidden_size, "hidden_size": self.llm.hidden_size,
+            "mm_vision_select_layer": self.vision.select_layer, "mm_vision_select_feature": self.vision.select_feature,
+            "num_time_tokens": self.num_time_tokens, "time_token_format": self.time_token_format,
+            "image_encoder": json.dumps({"_target_": "llava.model.encoders.BasicImageEncoder",
+                                         **asdict(self.image_encoder)}),
+            "video_encoder": json.dumps({"_target_": "llava.model.encoders." + next(
+                k for k, v in VIDEO_ENCODERS.items() if v == self.video_encoder.kind),
+                **{k: v for k, v in asdict(self.video_encoder).items() if k != "kind"}}),
+            "llm_cfg": llm, "vision_tower_cfg": vision, "mm_projector_cfg": projector,
+        }
+        preprocessor = {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "do_rescale": True,
+                        "do_normalize": True, "resample": 3, "rescale_factor": 1 / 255,
+                        "image_mean": list(self.image_mean), "image_std": list(self.image_std),
+                        "size": {"height": self.vision.image_size, "width": self.vision.image_size}}
+        return {"config.json": top, "llm": llm, "vision_tower": vision, "mm_projector": projector,
+                "preprocessor": preprocessor}
+
     # ------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "NVILAConfig":

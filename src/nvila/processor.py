@@ -257,8 +257,7 @@ class NVILAProcessor:
     def _image_items(self, source: Any, cfg: NVILAConfig, *, single: bool) -> list[_Item]:
         image = media_io.load_image(source, max_pixels=self.max_pixels)
         tile = cfg.vision.image_size
-        tiles, block = tiling.preprocess_image(image, cfg.image_aspect_ratio, tile=tile, scales=cfg.s2_scales,
-                                               min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles, single=single)
+        tiles, block = _tiles(image, cfg, single=single)
         name = _describe(source)
         per_tile = tokens_per_tile(cfg.projector_type, cfg.vision.grid)
         if block is not None:
@@ -277,9 +276,7 @@ class NVILAProcessor:
     def _video_item(self, source: Any, cfg: NVILAConfig) -> _Item:
         video = media_io.load_video(source, num_frames=cfg.num_video_frames, fps=cfg.fps, max_pixels=self.max_pixels)
         tile = cfg.vision.image_size
-        frames = [tiling.preprocess_image(f, cfg.image_aspect_ratio, tile=tile, scales=cfg.s2_scales,
-                                          min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles, single=False)[0][0]
-                  for f in video.frames]
+        frames = [_tiles(f, cfg, single=False)[0][0] for f in video.frames]
         per_frame = tokens_per_tile(cfg.projector_type, cfg.vision.grid)
         layout = video_layout(len(frames), per_frame, cfg.video_encoder)
         ids: list[int] = []
@@ -290,6 +287,13 @@ class NVILAProcessor:
         n_visual = sum(t * n for t, n in layout)
         info = MediumInfo("video", _describe(source), len(ids), n_visual, len(frames), frame_indices=list(video.indices))
         return _Item("video", tiling.to_pixels(frames, tile, cfg.image_mean, cfg.image_std), None, ids, info)
+
+
+def _tiles(image, cfg: NVILAConfig, *, single: bool):
+    """One image -> its tiles and block size under the config's ``image_aspect_ratio`` (spec §4)."""
+    fill = tuple(int(255 * m) for m in cfg.image_mean)  # the reference pads with the mean colour
+    return tiling.preprocess_image(image, cfg.image_aspect_ratio, tile=cfg.vision.image_size, scales=cfg.s2_scales,
+                                   min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles, single=single, fill=fill)
 
 
 def _describe(source: Any) -> str:

@@ -1,0 +1,252 @@
+"""Model-level behaviour on the tiny checkpoints: batching, caching, fusion checks, strict loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from conftest import GOLDEN
+from nvila import NVILAConfig, NVILAForConditionalGeneration, NVILAProcessor
+from nvila.checkpoint import CheckpointError
+
+IMAGE = str(GOLDEN / "inputs" / "image_1000x700.png")
+VIDEO = str(GOLDEN / "inputs" / "video_37f")
+SHARED_CONFIGS = Path(__file__).resolve().parents[2].parent / "shared" / "configs"
+
+
+@pytest.fixture(scope="module")
+def nvila(tiny_checkpoints):
+    path = tiny_checkpoints["nvila"]
+    return NVILAProcessor.from_pretrained(path), NVILAForConditionalGeneration.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def lite(tiny_checkpoints):
+    path = tiny_checkpoints["nvila-lite"]
+    return NVILAProcessor.from_pretrained(path), NVILAForConditionalGeneration.from_pretrained(path)
+
+
+def _user(*parts):
+    return [{"role": "user", "content": list(parts)}]
+
+
+def _text(t):
+    return {"type": "text", "text": t}
+
+
+def _image(x=IMAGE):
+    return {"type": "image", "image": x}
+
+
+def test_batch_rows_equal_single_runs(nvila):
+    """Left-padded batch: each row's logits and greedy ids equal those of the row run alone."""
+    processor, model = nvila
+    convs = [_user(_text("Hi")), _user(_image(Image.new("RGB", (300, 200), (200, 30, 30))), _text("What colour?")),
+             _user(_text("A much longer question about mountains, rivers and winter."))]
+    batch = processor.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")
+    assert batch["input_ids"].shape[0] == 3
+    with torch.no_grad():
+        batch_logits = model(**batch).logits[:, -1]
+    batch_ids = model.generate(**batch, max_new_tokens=5)
+    for i, conv in enumerate(convs):
+        single = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**single).logits[:, -1]
+        assert (logits[0] - batch_logits[i]).abs().max().item() < 1e-4
+        ids = model.generate(**single, max_new_tokens=5)
+        n = single["input_ids"].shape[1]
+        new_single = ids[0, n:].tolist()
+        new_batch = batch_ids[i, batch["input_ids"].shape[1]:].tolist()[: len(new_single)]
+        assert new_single == new_batch
+
+
+def test_cached_decoding_equals_uncached_forward(nvila):
+    processor, model = nvila
+    inputs = processor.apply_chat_template(_user(_image(), _text("Describe.")), add_generation_prompt=True,
+                                           tokenize=True, return_dict=True, return_tensors="pt")
+    steps = []
+
+    class Keep:
+        def put(self, ids):
+            steps.append(ids.clone())
+
+        def end(self):
+            pass
+
+    out = model.generate(**inputs, max_new_tokens=6, streamer=Keep())
+    assert len(steps) == out.shape[1] - inputs["input_ids"].shape[1]
+    # every greedy step must be the argmax of the uncached forward over the whole sequence so far
+    full = dict(inputs)
+    full["input_ids"] = out
+    full["attention_mask"] = torch.ones_like(out)
+    with torch.no_grad():
+        logits = model(**full).logits[0]
+    n = inputs["input_ids"].shape[1]
+    assert torch.equal(logits[n - 1:-1].argmax(-1), out[0, n:])
+
+    # and the cached logits themselves match the uncached ones
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        first = model(**inputs, past_key_values=cache, use_cache=True)
+        step = model.llm(input_ids=out[:, n:n + 1], past_key_values=first.past_key_values, use_cache=True,
+                         position_ids=torch.tensor([[n]]))
+    assert (step.logits[0, -1] - logits[n]).abs().max().item() <= 1e-4
+
+
+def test_token_count_mismatch_raises_clear_error(nvila):
+    processor, model = nvila
+    inputs = processor.apply_chat_template(_user(_image(), _text("x")), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    ids = inputs["input_ids"].clone()
+    ids[0, torch.nonzero(ids[0] == model.ids.image)[0, 0]] = 13  # drop one media token
+    bad = dict(inputs, input_ids=ids)
+    with pytest.raises(ValueError, match="image token count mismatch"):
+        model(**bad)
+    with pytest.raises(ValueError, match="no image pixels"):
+        model(input_ids=inputs["input_ids"])
+
+
+def test_multi_image_uses_single_tiles(nvila, lite):
+    """Two images: no tiling, 256 (+1) tokens each on NVILA, 121 (+1) each on Lite, no "<image>\\n" rewrite."""
+    for (processor, _), per in ((nvila, 257), (lite, 122)):
+        conv = _user(_image(), _image(Image.new("L", (640, 480), 128)), _text("Compare."))
+        inputs, infos = processor.prepare([conv])
+        assert [i.num_tokens for i in infos[0]] == [per, per]
+        assert inputs["pixel_values"].shape[0] == 2
+        assert inputs["image_block_sizes"] == [None, None]
+        text = processor.apply_chat_template(conv, add_generation_prompt=True)
+        assert "<image><image>Compare." in text
+
+
+def test_lite_image_at_end_drops_trailing_newline(lite):
+    processor, model = lite
+    first = processor.apply_chat_template(_user(_image(), _text("Q?")), add_generation_prompt=True)
+    last = processor.apply_chat_template(_user(_text("Q?"), _image()), add_generation_prompt=True)
+    assert first.count("<image>\n") == 7 and "<image>\nQ?" in first
+    assert last.count("<image>") == 7 and "Q?" + "<image>\n" * 6 + "<image><|im_end|>" in last
+    a, _ = processor.prepare([_user(_image(), _text("Q?"))])
+    b, _ = processor.prepare([_user(_text("Q?"), _image())])
+    assert b["input_ids"].shape[1] == a["input_ids"].shape[1] - 1
+
+
+def test_multi_turn_and_system_prompt(nvila):
+    processor, model = nvila
+    conv = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [_image(), _text("What is this?")]},
+            {"role": "assistant", "content": "A picture."},
+            {"role": "user", "content": "  And the colours?  "}]
+    text = processor.apply_chat_template(conv, add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<image>What is this?<|im_end|>\n"
+                    "<|im_start|>assistant\nA picture.<|im_end|>\n<|im_start|>user\nAnd the colours?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    inputs, infos = processor.prepare([conv])
+    assert infos[0][0].block_size == (3, 4)  # one image in the whole conversation: dynamic-S2
+    out = model.generate(**inputs, max_new_tokens=3)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_video_on_image_models(nvila, lite):
+    for (processor, model), per_frame in ((nvila, 257), (lite, 122)):
+        inputs, infos = processor.prepare([_user({"type": "video", "video": VIDEO}, _text("What happens?"))])
+        assert infos[0][0].num_tokens == 8 * per_frame
+        assert infos[0][0].frame_indices == [0, 5, 10, 15, 21, 26, 31, 36]
+        with torch.no_grad():
+            assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_tsp_rejects_frame_counts_that_do_not_divide(tiny_checkpoints):
+    processor = NVILAProcessor.from_pretrained(tiny_checkpoints["nvila-video"], num_video_frames=12)
+    with pytest.raises(ValueError, match="12 frames"):
+        processor.prepare([_user({"type": "video", "video": VIDEO}, _text("?"))])
+
+
+def test_bfloat16_runs(tiny_checkpoints):
+    path = tiny_checkpoints["nvila-lite"]
+    processor = NVILAProcessor.from_pretrained(path)
+    model = NVILAForConditionalGeneration.from_pretrained(path, torch_dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.vision_tower.dtype == torch.bfloat16
+    inputs = processor.apply_chat_template(_user(_image(), _text("x")), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    ids = model.generate(**inputs, max_new_tokens=2)
+    assert ids.shape[1] >= inputs["input_ids"].shape[1] + 1
+
+
+@pytest.mark.parametrize("name", ["NVILA-8B", "NVILA-15B", "NVILA-Lite-2B", "NVILA-Lite-8B", "NVILA-8B-Video"])
+def test_published_configs_build_on_meta(name):
+    cfg = NVILAConfig.from_pretrained(SHARED_CONFIGS / f"{name}.json")
+    model = NVILAForConditionalGeneration.on_meta(cfg)
+    counts = model.num_parameters()
+    assert all(p.is_meta for p in model.parameters())
+    expected = {"NVILA-8B": 8.09e9, "NVILA-15B": 15.28e9, "NVILA-Lite-2B": 2.0e9, "NVILA-Lite-8B": 8.09e9,
+                "NVILA-8B-Video": 8.06e9}[name]
+    assert counts["total"] == pytest.approx(expected, rel=0.01)
+    family = {"NVILA-8B": ("dynamic_s2", "mlp_downsample", "basic"), "NVILA-15B": ("dynamic_s2", "mlp_downsample", "basic"),
+              "NVILA-Lite-2B": ("dynamic", "mlp_downsample_3x3_fix", "basic"),
+              "NVILA-Lite-8B": ("dynamic", "mlp_downsample_3x3_fix", "basic"),
+              "NVILA-8B-Video": ("resize", "mlp_downsample_2x2_fix", "tsp")}[name]
+    assert (cfg.image_aspect_ratio, cfg.projector_type, cfg.video_encoder.kind) == family
+
+
+# ---------------------------------------------------------------------------------- strict loading
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_and_unexpected_keys_are_errors(tiny_checkpoints, tmp_path):
+    ckpt = _copy(tiny_checkpoints["nvila"], tmp_path / "c")
+    f = ckpt / "mm_projector" / "model.safetensors"
+    state = load_file(f)
+    state["layers.9.weight"] = torch.zeros(3)
+    save_file(state, f)
+    with pytest.raises(CheckpointError, match="unexpected keys layers.9.weight"):
+        NVILAForConditionalGeneration.from_pretrained(ckpt)
+    del state["layers.9.weight"], state["layers.4.bias"]
+    save_file(state, f)
+    with pytest.raises(CheckpointError, match="missing keys layers.4.bias"):
+        NVILAForConditionalGeneration.from_pretrained(ckpt)
+
+
+def test_pickle_weights_are_refused(tiny_checkpoints, tmp_path):
+    ckpt = _copy(tiny_checkpoints["nvila"], tmp_path / "c")
+    (ckpt / "mm_projector" / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, ckpt / "mm_projector" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickle files are not loaded"):
+        NVILAForConditionalGeneration.from_pretrained(ckpt)
+
+
+def test_unknown_layout_is_an_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="missing: llm, vision_tower, mm_projector"):
+        NVILAForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        NVILAProcessor.from_pretrained(tmp_path / "nope")
+
+
+def test_vocab_resized_to_tokenizer_with_mean_rows(tiny_checkpoints, tmp_path):
+    """A checkpoint storing 151648 rows (as NVILA-8B does) is resized to len(tokenizer) = 151651."""
+    ckpt = _copy(tiny_checkpoints["nvila"], tmp_path / "c")
+    f = ckpt / "llm" / "model.safetensors"
+    state = load_file(f)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[k] = state[k][:151648].clone()
+    save_file(state, f)
+    cfg = json.loads((ckpt / "llm" / "config.json").read_text())
+    cfg["vocab_size"] = 151648
+    (ckpt / "llm" / "config.json").write_text(json.dumps(cfg))
+    model = NVILAForConditionalGeneration.from_pretrained(ckpt)
+    emb = model.llm.get_input_embeddings().weight
+    assert emb.shape[0] == 151651
+    assert torch.allclose(emb[151648:], state["model.embed_tokens.weight"].mean(0, keepdim=True).expand(3, -1),
+                          atol=1e-6)
+    assert torch.equal(emb[:151648], state["model.embed_tokens.weight"])
