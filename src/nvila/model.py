@@ -154,26 +154,37 @@ class NVILAForConditionalGeneration(nn.Module):
               image_block_sizes: list | None = None, pixel_values_videos: torch.Tensor | None = None,
               video_num_frames: list[int] | None = None) -> torch.Tensor:
         """Token embeddings with the visual features written into the media positions: (B, L, D)."""
-        embeds = self.llm.get_input_embeddings()(input_ids)
-        for kind, token, pixels, meta, encode in (
-            ("image", self.ids.image, pixel_values, image_block_sizes, self.encode_images),
-            ("video", self.ids.video, pixel_values_videos, video_num_frames, self.encode_videos),
-        ):
+        image_feats = video_feats = None
+        if pixel_values is not None:
+            if image_block_sizes is None:
+                raise ValueError("pixel_values were given without image_block_sizes")
+            image_feats = self.encode_images(pixel_values, image_block_sizes)
+        if pixel_values_videos is not None:
+            if video_num_frames is None:
+                raise ValueError("pixel_values_videos were given without video_num_frames")
+            video_feats = self.encode_videos(pixel_values_videos, video_num_frames)
+        return self.fuse(input_ids, image_feats, video_feats)
+
+    def fuse(self, input_ids: torch.Tensor, image_feats: torch.Tensor | None = None,
+             video_feats: torch.Tensor | None = None) -> torch.Tensor:
+        """Embed ``input_ids`` (B, L) and write visual rows (N, D) into the media positions, in order.
+
+        Raises:
+            ValueError: if the number of media tokens differs from the number of feature rows.
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)  # (B, L, D)
+        for kind, token, feats in (("image", self.ids.image, image_feats), ("video", self.ids.video, video_feats)):
             mask = input_ids == token  # (B, L)
-            if pixels is None:
+            if feats is None:
                 if mask.any():
                     raise ValueError(f"input_ids contain {kind} tokens but no {kind} pixels were given")
                 continue
-            if meta is None:
-                raise ValueError(f"{kind} pixels were given without their "
-                                 f"{'image_block_sizes' if kind == 'image' else 'video_num_frames'}")
-            feats = encode(pixels, meta).to(embeds.dtype)  # (N_visual, D)
             n_tokens = int(mask.sum())  # one host sync per prefill, for a clear error below
             if n_tokens != feats.shape[0]:
                 raise ValueError(f"{kind} token count mismatch: input_ids hold {n_tokens} {kind} tokens but "
                                  f"the media produce {feats.shape[0]} feature rows; expand placeholders with "
                                  f"NVILAProcessor")
-            embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats)
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), feats.to(embeds.dtype))
         return embeds
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -1,0 +1,348 @@
+"""A continuous-batching engine: requests join and leave the running batch between decode steps.
+
+Contract: ``submit`` runs the processor in the caller's thread (bad input raises there, before
+anything is queued) and returns a handle; one scheduler thread owns the model. Each scheduler
+iteration admits at most one waiting request (its media encoding + prefill), then runs one decode
+step for every running request, so a new request stalls the others for at most one prefill.
+Handles stream ``TokenEvent``s (a blocking iterator and an async iterator).
+
+Media features are cached by a hash of their pixels, so a follow-up turn about the same image or
+video does not re-encode it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..processor import MediumInfo, NVILAProcessor
+from ..sampling import SamplingParams, sample
+from .api import GenerationRequest, RequestMetrics, TokenEvent
+from .runner import Runner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Engine resources (not model behaviour)."""
+
+    max_batch_size: int = 8  # concurrent decode streams = KV-cache slots
+    max_seq_len: int | None = 4096  # context per stream; None = the model's model_max_length
+    threads: int | None = None  # torch intra-op threads for the scheduler; None = torch's default
+    vision_cache_size: int = 64  # media whose features are kept
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+class RequestHandle:
+    """A submitted request: iterate it (sync or async) for its ``TokenEvent``s; ``cancel()`` to stop."""
+
+    def __init__(self, rid: str, media: list[MediumInfo], metrics: RequestMetrics):
+        self.id = rid
+        self.media = media
+        self.metrics = metrics
+        self.finish_reason: str | None = None
+        self.token_ids: list[int] = []  # every sampled id, the stop token included (events skip empty text)
+        self._events: queue.Queue[TokenEvent] = queue.Queue()
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while True:
+            ev = self._events.get()
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    async def __aiter__(self):
+        while True:
+            ev = await asyncio.to_thread(self._events.get)
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def text(self) -> str:
+        """Block until the request finishes; return its whole text."""
+        return "".join(ev.text for ev in self)
+
+
+class _Detokenizer:
+    """Incremental text for a stream of ids, holding back incomplete characters and stop-string prefixes."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.sent = 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; returns (text to emit now, whether a stop string ended the text)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            j = text.find(s, max(self.sent - len(s), 0))
+            if j != -1:
+                out, self.sent = text[self.sent:j], j
+                return out, True
+        if text.endswith("\ufffd"):
+            return "", False
+        end = max(len(text) - self.hold, self.sent)
+        out, self.sent = text[self.sent:end], end
+        return out, False
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        out, self.sent = text[self.sent:], len(text)
+        return out
+
+
+class _Running:
+    """Scheduler-side state of one request."""
+
+    def __init__(self, handle: RequestHandle, request: GenerationRequest, inputs, detok: _Detokenizer, submitted: float):
+        self.handle = handle
+        self.request = request
+        self.inputs = inputs
+        self.detok = detok
+        self.submitted = submitted
+        self.params = SamplingParams(do_sample=request.do_sample, temperature=request.temperature,
+                                     top_k=request.top_k, top_p=request.top_p,
+                                     repetition_penalty=request.repetition_penalty)
+        self.generator: torch.Generator | None = None
+        self.seen: torch.Tensor = inputs["input_ids"]  # (1, T) ids so far, for the repetition penalty
+        self.position = 0  # tokens in the cache
+        self.last_token = 0
+        self.new_tokens = 0
+        self.first_token_at = 0.0
+
+
+class Engine:
+    """Continuous batching over one NVILA model. See the module docstring for the contract."""
+
+    def __init__(self, model, processor: NVILAProcessor, config: EngineConfig | None = None, *, model_id: str = "nvila"):
+        self.model = model.eval()
+        self.processor = processor
+        self.config = config or EngineConfig()
+        self.model_id = model_id
+        self.context_length = min(self.config.max_seq_len or model.config.llm.model_max_length,
+                                  model.config.llm.model_max_length)
+        self.runner = Runner(model.llm, self.config.max_batch_size, self.context_length)
+        self._stop_ids = set(model.ids.stop)
+        self._waiting: deque[_Running] = deque()
+        self._active: list[_Running] = []
+        self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._wake = threading.Condition()
+        self._shutdown = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._loop, name="nvila-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                        config: EngineConfig | None = None, **processor_overrides) -> "Engine":
+        from ..model import NVILAForConditionalGeneration
+
+        processor = NVILAProcessor.from_pretrained(path, **processor_overrides)
+        model = NVILAForConditionalGeneration.from_pretrained(path, torch_dtype=dtype, device=device)
+        return cls(model, processor, config, model_id=Path(path).name)
+
+    # ----------------------------------------------------------------------------------- client side
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Preprocess ``request`` now (raising on bad input) and queue it; returns its handle."""
+        if self._shutdown:
+            raise RuntimeError("the engine is shut down")
+        if request.max_tokens is not None and request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        SamplingParams(do_sample=request.do_sample, temperature=request.temperature, top_k=request.top_k,
+                       top_p=request.top_p, repetition_penalty=request.repetition_penalty)
+        submitted = time.perf_counter()
+        inputs, infos = self.processor.prepare([request.messages], add_generation_prompt=True, **request.options)
+        n = inputs["input_ids"].shape[1]
+        if n >= self.context_length:
+            raise ValueError(f"the prompt has {n} tokens; the context holds {self.context_length}")
+        metrics = RequestMetrics(prompt_tokens=n, visual_tokens=[i.num_visual_tokens for i in infos[0]])
+        handle = RequestHandle(f"req-{next(self._ids)}", infos[0], metrics)
+        running = _Running(handle, request, inputs, _Detokenizer(self.processor.tokenizer, request.stop), submitted)
+        with self._wake:
+            self._waiting.append(running)
+            self._wake.notify()
+        return handle
+
+    def generate(self, messages: list[dict], **kw) -> Iterator[TokenEvent]:
+        """Submit one conversation and yield its events (``kw`` are ``GenerationRequest`` fields)."""
+        yield from self.submit(GenerationRequest(messages=messages, **kw))
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the scheduler; running and waiting requests end with finish_reason "abort"."""
+        with self._wake:
+            self._shutdown = True
+            self._wake.notify()
+        if wait:
+            self._thread.join()
+
+    def stats(self) -> dict:
+        return {"running": len(self._active), "waiting": len(self._waiting), "cached_media": len(self._features)}
+
+    # -------------------------------------------------------------------------------- scheduler side
+    def _loop(self) -> None:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        while True:
+            with self._wake:
+                while not self._shutdown and not self._waiting and not self._active:
+                    self._wake.wait()
+                if self._shutdown:
+                    break
+                new = self._waiting.popleft() if self._waiting and len(self._active) < self.config.max_batch_size else None
+            try:
+                if new is not None:
+                    self._admit(new)
+                if self._active:
+                    self._step()
+            except Exception as e:  # a bug must not kill the engine silently: fail the batch, keep serving
+                logger.exception("engine step failed")
+                for r in list(self._active):
+                    self._finish(r, "error", error=f"engine error: {e}")
+        for r in list(self._active) + list(self._waiting):
+            self._finish(r, "abort")
+        self._waiting.clear()
+
+    def _admit(self, r: _Running) -> None:
+        if r.handle.cancelled:
+            self._emit(r, TokenEvent(r.handle.id, None, "", "abort"))
+            return
+        start = time.perf_counter()
+        r.handle.metrics.queue_s = start - r.submitted
+        try:
+            embeds = self._embed(r)
+        except (ValueError, RuntimeError) as e:
+            self._emit(r, TokenEvent(r.handle.id, None, "", "error", error=str(e)))
+            return
+        slot = len(self._active)
+        logits = self.runner.prefill(slot, embeds)
+        r.position = embeds.shape[1]
+        r.handle.metrics.prefill_s = time.perf_counter() - start
+        if r.request.seed is not None:
+            r.generator = torch.Generator(device=logits.device).manual_seed(r.request.seed)
+        token = int(sample(logits[None].float(), r.seen, r.params, r.generator)[0])
+        self._active.append(r)
+        self._accept(r, token)
+
+    def _embed(self, r: _Running) -> torch.Tensor:
+        """Prompt embeddings (1, L, H), encoding only media missing from the feature cache."""
+        inputs = r.inputs.to(self.model.device)
+        feats: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
+        rows = {"image": 0, "video": 0}
+        blocks = iter(inputs.get("image_block_sizes") or [])
+        for info in r.handle.media:
+            key = "pixel_values" if info.kind == "image" else "pixel_values_videos"
+            pixels = inputs[key][rows[info.kind]:rows[info.kind] + info.num_tiles]
+            rows[info.kind] += info.num_tiles
+            meta = [next(blocks)] if info.kind == "image" else [info.num_tiles]
+            digest = hashlib.sha1(pixels.detach().cpu().numpy().tobytes() + repr(meta).encode()).hexdigest()
+            cached = self._features.get(digest)
+            if cached is None:
+                encode = self.model.encode_images if info.kind == "image" else self.model.encode_videos
+                with torch.inference_mode():
+                    cached = encode(pixels, meta)
+                self._features[digest] = cached
+                while len(self._features) > self.config.vision_cache_size:
+                    self._features.popitem(last=False)
+            else:
+                self._features.move_to_end(digest)
+                r.handle.metrics.cached_media += 1
+            feats[info.kind].append(cached)
+        with torch.inference_mode():
+            return self.model.fuse(inputs["input_ids"], *(torch.cat(feats[k]) if feats[k] else None
+                                                          for k in ("image", "video")))
+
+    def _step(self) -> None:
+        active = [r for r in self._active if not r.handle.cancelled]
+        for r in self._active:
+            if r.handle.cancelled:
+                self._finish(r, "abort")
+        if not active:
+            return
+        device = self.model.device
+        tokens = torch.tensor([r.last_token for r in self._active], device=device)
+        positions = torch.tensor([r.position for r in self._active], device=device)
+        logits = self.runner.decode(tokens, positions, max(r.position for r in self._active) + 1).float()
+        if all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in self._active):
+            picked = logits.argmax(-1).tolist()
+        else:
+            picked = [int(sample(logits[i:i + 1], r.seen, r.params, r.generator)[0]) for i, r in enumerate(self._active)]
+        for r, token in zip(list(self._active), picked):
+            r.position += 1
+            self._accept(r, token)
+
+    def _accept(self, r: _Running, token: int) -> None:
+        """Record a sampled token: stream its text, or finish the request."""
+        now = time.perf_counter()
+        m = r.handle.metrics
+        if r.new_tokens == 0:
+            r.first_token_at = now
+            m.ttft_s = now - r.submitted
+        r.new_tokens += 1
+        r.handle.token_ids.append(token)
+        m.completion_tokens = r.new_tokens
+        m.decode_s = now - r.first_token_at
+        r.last_token = token
+        if r.params.repetition_penalty != 1.0:
+            r.seen = torch.cat([r.seen, torch.tensor([[token]], device=r.seen.device)], dim=1)
+        if token in self._stop_ids:
+            self._finish(r, "stop")
+            return
+        text, stopped = r.detok.push(token)
+        if stopped:
+            self._emit(r, TokenEvent(r.handle.id, token, text))
+            self._finish(r, "stop", flush=False)
+            return
+        limit = r.request.max_tokens
+        if (limit is not None and r.new_tokens >= limit) or r.position + 1 >= self.context_length:
+            self._emit(r, TokenEvent(r.handle.id, token, text))
+            self._finish(r, "length")
+            return
+        if text:
+            self._emit(r, TokenEvent(r.handle.id, token, text))
+
+    def _finish(self, r: _Running, reason: str, *, error: str | None = None, flush: bool = True) -> None:
+        tail = r.detok.flush() if flush and reason in ("stop", "length") else ""
+        if r in self._active:
+            i = self._active.index(r)
+            last = len(self._active) - 1
+            if i != last:  # keep active requests in slots 0..B-1: move the last one into the hole
+                moved = self._active[last]
+                self.runner.cache.move(last, i, moved.position)
+                self._active[i] = moved
+            self._active.pop()
+        r.handle.finish_reason = reason
+        self._emit(r, TokenEvent(r.handle.id, None, tail, reason, error=error))
+
+    @staticmethod
+    def _emit(r: _Running, ev: TokenEvent) -> None:
+        r.handle._events.put(ev)
