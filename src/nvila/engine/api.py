@@ -21,7 +21,8 @@ class GenerationRequest:
         max_tokens: new-token limit (None: up to the context length).
         temperature / top_p / top_k / repetition_penalty: sampling; temperature 0 or do_sample False = greedy.
         seed: per-request random seed (sampling is reproducible for a seed).
-        stop: extra stop strings; the checkpoint's stop tokens always apply.
+        stop: extra stop strings; the checkpoint's stop tokens apply unless ``ignore_eos``.
+        ignore_eos: keep generating through stop tokens (benchmarks; fixed-length decodes).
         options: processor options (max_tiles, num_video_frames, fps).
     """
 
@@ -34,6 +35,7 @@ class GenerationRequest:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
 

@@ -314,7 +314,7 @@ class Engine:
         r.last_token = token
         if r.params.repetition_penalty != 1.0:
             r.seen = torch.cat([r.seen, torch.tensor([[token]], device=r.seen.device)], dim=1)
-        if token in self._stop_ids:
+        if token in self._stop_ids and not r.request.ignore_eos:
             self._finish(r, "stop")
             return
         text, stopped = r.detok.push(token)
