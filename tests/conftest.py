@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_GOLDEN = REPO.parent / "shared" / "golden"
-ASSETS = REPO / "tests" / "assets"
-GOLDEN = ASSETS / "golden"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # make nvila_testing importable from every test dir
+
+from nvila_testing import SHARED_GOLDEN  # noqa: E402
 
 
 def _builder():
@@ -30,11 +27,3 @@ def tiny_checkpoints(tmp_path_factory):
     mk = _builder()
     root = tmp_path_factory.mktemp("ckpt")
     return {v: Path(mk.build_checkpoint(v, root / v)) for v in ("nvila", "nvila-lite", "nvila-video")}
-
-
-def golden_case(name: str) -> tuple[dict, dict[str, np.ndarray]]:
-    with open(GOLDEN / "expected" / f"{name}.json", encoding="utf-8") as f:
-        case = json.load(f)
-    with np.load(GOLDEN / "expected" / f"{name}.npz", allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    return case, arrays

@@ -247,7 +247,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *,
-                    metadata: dict[str, str] | None = None) -> Path:
+                    metadata: dict[str, str] | None = None,
+                    component_metadata: dict[str, dict[str, str]] | None = None) -> Path:
     """Write ``model`` (an ``NVILAForConditionalGeneration``) and its tokenizer in the published layout.
 
     The directory appears atomically: everything is written to a sibling temporary directory which
@@ -258,6 +259,8 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *,
         tokenizer: the tokenizer to store in ``llm/`` (with the chat template).
         out_dir: destination.
         metadata: extra safetensors ``__metadata__`` for every weight file.
+        component_metadata: extra ``__metadata__`` per component name (e.g. the quantization
+            format of ``nvila.quant.format``), added to ``metadata`` for that component's file.
     Returns:
         The checkpoint path.
     """
@@ -279,7 +282,8 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *,
             state = {map_key(name, k, to_published=True): v.detach().to("cpu").contiguous()
                      for k, v in getattr(model, name).state_dict().items()
                      if not (name == "llm" and tied and k == "lm_head.weight")}
-            save_file(state, tmp / name / "model.safetensors", metadata={"format": "pt", **(metadata or {})})
+            meta = {"format": "pt", **(metadata or {}), **(component_metadata or {}).get(name, {})}
+            save_file(state, tmp / name / "model.safetensors", metadata=meta)
         _write_json(tmp / "vision_tower" / "preprocessor_config.json", files["preprocessor"])
         tokenizer.save_pretrained(os.fspath(tmp / "llm"))
         if out.exists():

@@ -23,6 +23,7 @@ from .checkpoint import (CheckpointError, check_layout, load_component, load_llm
 from .config import ConfigError, NVILAConfig, TokenIds
 from .llm import build_llm, reset_llm_buffers
 from .projector import build_projector
+from .quant.format import apply_quant_metadata, read_quant_metadata
 from .temporal import encode_video_features
 from .vision import VisionTower, s2_blocks, s2_output_grid, s2_unblock
 
@@ -55,7 +56,9 @@ class NVILAForConditionalGeneration(nn.Module):
         """Load a checkpoint in the published layout.
 
         Modules are built on the meta device, then allocated on ``device`` in ``dtype`` (default
-        float32) and filled from safetensors through the per-component key maps.
+        float32) and filled from safetensors through the per-component key maps. A quantized
+        checkpoint declares its quantized modules in its safetensors metadata (``nvila.quant.format``);
+        those linears are swapped for the runtime modules before the weights are loaded.
         """
         root = check_layout(path)
         dtype = dtype or torch_dtype or torch.float32
@@ -66,7 +69,10 @@ class NVILAForConditionalGeneration(nn.Module):
             raise CheckpointError(str(e)) from None
         tok = load_tokenizer(Path(root) / "llm")
         ids = token_ids(tok, resolve_chat_template(config, tok))
-        model = cls.on_meta(config, ids).materialize(device, dtype)
+        model = cls.on_meta(config, ids)
+        quantized = read_quant_metadata(root)  # {component: {module: scheme spec}}, {} if full precision
+        apply_quant_metadata(model, quantized)  # swap the listed linears on meta, before allocation
+        model = model.materialize(device, dtype)
         load_llm_state(model.llm, read_state(root / "llm"), ids.vocab_size, config.llm.tie_word_embeddings)
         load_component(model.vision_tower, "vision_tower", read_state(root / "vision_tower"))
         load_component(model.mm_projector, "mm_projector", read_state(root / "mm_projector"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import GOLDEN, golden_case
+from nvila_testing import GOLDEN, golden_case
 from nvila import NVILAForConditionalGeneration, NVILAProcessor
 from nvila.engine import Engine, EngineConfig, GenerationRequest
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN, golden_case
+from nvila_testing import GOLDEN, golden_case
 from nvila import NVILAForConditionalGeneration, NVILAProcessor
 
 CASES = ["nvila__text", "nvila__image", "nvila-lite__image", "nvila-video__video"]

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import GOLDEN
+from nvila_testing import GOLDEN
 from nvila import NVILAConfig, NVILAForConditionalGeneration, NVILAProcessor
 from nvila.checkpoint import CheckpointError
 

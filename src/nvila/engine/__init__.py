@@ -5,8 +5,8 @@ media and fuses them (see ``Engine`` for the contract).
 """
 
 from .api import GenerationRequest, RequestMetrics, TokenEvent
-from .engine import Engine, EngineConfig, RequestHandle
+from .engine import Engine, EngineClosed, EngineConfig, RequestHandle
 from .runner import KVCache, Runner
 
-__all__ = ["Engine", "EngineConfig", "GenerationRequest", "KVCache", "RequestHandle", "RequestMetrics", "Runner",
+__all__ = ["Engine", "EngineClosed", "EngineConfig", "GenerationRequest", "KVCache", "RequestHandle", "RequestMetrics", "Runner",
            "TokenEvent"]

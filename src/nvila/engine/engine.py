@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import logging
 import queue
 import threading
 import time
+import uuid
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,8 +52,16 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
 
+class EngineClosed(RuntimeError):
+    """The engine was shut down: it takes no new requests."""
+
+
 class RequestHandle:
-    """A submitted request: iterate it (sync or async) for its ``TokenEvent``s; ``cancel()`` to stop."""
+    """A submitted request: iterate it (sync or async) for its ``TokenEvent``s; ``cancel()`` to stop.
+
+    Events go to a thread-safe queue; once an async iterator starts, they are handed to its event
+    loop with ``call_soon_threadsafe`` instead (no executor thread per pending event).
+    """
 
     def __init__(self, rid: str, media: list[MediumInfo], metrics: RequestMetrics):
         self.id = rid
@@ -62,6 +70,8 @@ class RequestHandle:
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []  # every sampled id, the stop token included (events skip empty text)
         self._events: queue.Queue[TokenEvent] = queue.Queue()
+        self._lock = threading.Lock()
+        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
@@ -71,6 +81,18 @@ class RequestHandle:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    def _put(self, ev: TokenEvent) -> None:
+        """Called by the scheduler thread."""
+        with self._lock:
+            if self._async is None:
+                self._events.put(ev)
+                return
+            loop, aq = self._async
+        try:
+            loop.call_soon_threadsafe(aq.put_nowait, ev)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            pass
+
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
             ev = self._events.get()
@@ -79,8 +101,13 @@ class RequestHandle:
                 return
 
     async def __aiter__(self):
+        aq: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        with self._lock:
+            while not self._events.empty():
+                aq.put_nowait(self._events.get_nowait())
+            self._async = (asyncio.get_running_loop(), aq)
         while True:
-            ev = await asyncio.to_thread(self._events.get)
+            ev = await aq.get()
             yield ev
             if ev.finish_reason is not None:
                 return
@@ -158,7 +185,6 @@ class Engine:
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._wake = threading.Condition()
         self._shutdown = False
-        self._ids = itertools.count()
         self._thread = threading.Thread(target=self._loop, name="nvila-engine", daemon=True)
         self._thread.start()
 
@@ -175,7 +201,7 @@ class Engine:
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Preprocess ``request`` now (raising on bad input) and queue it; returns its handle."""
         if self._shutdown:
-            raise RuntimeError("the engine is shut down")
+            raise EngineClosed("the engine is shut down")
         if request.max_tokens is not None and request.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
         SamplingParams(do_sample=request.do_sample, temperature=request.temperature, top_k=request.top_k,
@@ -186,7 +212,7 @@ class Engine:
         if n >= self.context_length:
             raise ValueError(f"the prompt has {n} tokens; the context holds {self.context_length}")
         metrics = RequestMetrics(prompt_tokens=n, visual_tokens=[i.num_visual_tokens for i in infos[0]])
-        handle = RequestHandle(f"req-{next(self._ids)}", infos[0], metrics)
+        handle = RequestHandle(f"req-{uuid.uuid4().hex[:16]}", infos[0], metrics)
         running = _Running(handle, request, inputs, _Detokenizer(self.processor.tokenizer, request.stop), submitted)
         with self._wake:
             self._waiting.append(running)
@@ -218,6 +244,9 @@ class Engine:
                     self._wake.wait()
                 if self._shutdown:
                     break
+                for r in [r for r in self._waiting if r.handle.cancelled]:  # free cancelled waiters now
+                    self._waiting.remove(r)
+                    self._emit(r, TokenEvent(r.handle.id, None, "", "abort"))
                 new = self._waiting.popleft() if self._waiting and len(self._active) < self.config.max_batch_size else None
             try:
                 if new is not None:
@@ -296,8 +325,11 @@ class Engine:
             picked = logits.argmax(-1).tolist()
         else:
             picked = [int(sample(logits[i:i + 1], r.seen, r.params, r.generator)[0]) for i, r in enumerate(self._active)]
-        for r, token in zip(list(self._active), picked):
+        # Every active slot now holds one more position; advance them all before any request can
+        # finish, since finishing moves the last slot's cache (``position`` entries) into the hole.
+        for r in self._active:
             r.position += 1
+        for r, token in zip(list(self._active), picked):
             self._accept(r, token)
 
     def _accept(self, r: _Running, token: int) -> None:
@@ -345,4 +377,4 @@ class Engine:
 
     @staticmethod
     def _emit(r: _Running, ev: TokenEvent) -> None:
-        r.handle._events.put(ev)
+        r.handle._put(ev)

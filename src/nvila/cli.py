@@ -1,0 +1,555 @@
+"""The ``nvila`` command line: ``nvila infer`` and ``nvila inspect``.
+
+Contract: every subcommand is a ``Command`` in ``COMMANDS`` (name -> arguments + run function), so
+later subcommands (``serve``, ``quantize``, ``train``, ``eval``) are one more entry. ``main(argv)``
+returns the exit code:
+
+* 0 on success; results go to stdout (human text, or one JSON object with ``--json``);
+* 2 on bad input (flags, media, checkpoints, configs): one line ``nvila: error: <message>`` on
+  stderr, nothing on stdout, no traceback (``-vv`` logs the traceback at debug level);
+* 130 on Ctrl-C.
+
+Logs go to stderr through ``logging``: ``-v`` info, ``-vv`` debug; by default warnings only, held
+until the command ends and dropped on bad input. This module knows flags, output formats and
+timings; the token accounting comes from the processor and the model does the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import logging
+import logging.handlers
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, tiling
+from .checkpoint import CheckpointError, check_layout, load_tokenizer, resolve_chat_template, token_ids
+from .config import ConfigError, NVILAConfig
+from .media import DEFAULT_MAX_PIXELS, MediaError
+from .model import NVILAForConditionalGeneration
+from .processor import MediumInfo, NVILAProcessor, num_image_tokens, num_video_tokens
+from .projector import tokens_per_tile
+from .quant import cli as quant_cli
+from .server import cli as serve_cli  # imports neither FastAPI nor uvicorn
+from .temporal import video_layout
+from .train import cli as train_cli
+
+logger = logging.getLogger(__name__)
+
+# Errors that mean "the input is bad", reported in one line with exit code 2. The first three are
+# ValueError subclasses; they are listed to document where bad input is detected.
+BAD_INPUT = (MediaError, CheckpointError, ConfigError, ValueError, OSError)
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+# A path with one of these suffixes is a video; a directory is a frame directory (a video); anything
+# else is an image. ``.gif`` is an image (its first frame): write ``video:clip.gif`` to sample it.
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv",
+                            ".flv", ".3gp"})
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """A command-line flag is missing or has a bad value (argparse's errors end up here)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error raises instead of printing the usage and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ------------------------------------------------------------------------------ flag value types
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _float_in(low: float, high: float = float("inf"), *, low_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > low if low_open else value >= low) or value > high:
+            bound = f"in ({low}, {high}]" if high != float("inf") else f"{'>' if low_open else '>='} {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return value
+    return parse
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    """``"1000x700"`` -> (1000, 700)."""
+    w, sep, h = text.lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT with positive integers (e.g. 1000x700), got {text!r}")
+    return int(w), int(h)
+
+
+def _device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(str(e).splitlines()[0]) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available on this machine")
+    return device
+
+
+# ----------------------------------------------------------------------------------------- infer
+def _infer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="PATH",
+                   help="checkpoint directory in the published layout (config.json, llm/, vision_tower/, mm_projector/)")
+    p.add_argument("--media", nargs="+", default=[], metavar="F",
+                   help="images and videos, placed before the text in this order. A directory is a video "
+                        f"(its files are the frames, in name order); {', '.join(sorted(VIDEO_SUFFIXES))} are "
+                        "videos; anything else is an image (.gif too: its first frame). Prefix 'image:' or "
+                        "'video:' to choose the kind yourself. Omit for a text-only prompt")
+    p.add_argument("--text", required=True, help="the question or instruction, after the media")
+    p.add_argument("--system", metavar="TEXT", help="system prompt (default: the chat template's own)")
+    pre = p.add_argument_group("preprocessing (defaults come from the checkpoint's config)")
+    pre.add_argument("--max-tiles", type=_int_at_least(1), metavar="N",
+                     help="most tiles per image (NVILA: at the largest S2 scale, so >= 9 for scales 448..1344)")
+    frames = pre.add_mutually_exclusive_group()
+    frames.add_argument("--num-frames", type=_int_at_least(1), metavar="N",
+                        help="frames sampled evenly from each video (TSP models: a multiple of the temporal pool)")
+    frames.add_argument("--fps", type=_float_in(0, low_open=True), metavar="F",
+                        help="sample video files at F frames per second instead, at most the config's frame count")
+    pre.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS, metavar="N",
+                     help="reject images and video frames with more than N pixels (default: %(default)s)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=_int_at_least(1), default=256, metavar="N",
+                     help="most tokens to generate (default: %(default)s)")
+    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=_float_in(0), default=1.0, metavar="T",
+                     help="sampling temperature, 0 = greedy (default: %(default)s; needs --do-sample)")
+    gen.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=1.0, metavar="P",
+                     help="nucleus sampling: keep the most likely tokens up to mass P (default: %(default)s = off)")
+    gen.add_argument("--top-k", type=_int_at_least(0), default=0, metavar="K",
+                     help="keep the K most likely tokens (default: %(default)s = off)")
+    gen.add_argument("--seed", type=int, metavar="S", help="random seed for sampling (reproducible runs)")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--dtype", choices=DTYPES, default="float32",
+                     help="weights and activations dtype (default: %(default)s)")
+    run.add_argument("--device", type=_device, metavar="DEV",
+                     help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    run.add_argument("--threads", type=_int_at_least(1), metavar="N", help="CPU threads for torch (torch.set_num_threads)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the human report")
+
+
+def _media_part(spec: str) -> dict[str, str]:
+    """A ``--media`` value -> a message content part, with the kind decided as ``--help`` says."""
+    for kind in ("image", "video"):
+        if spec.startswith(kind + ":"):
+            return {"type": kind, kind: spec[len(kind) + 1:]}
+    path = Path(spec)
+    kind = "video" if path.is_dir() or path.suffix.lower() in VIDEO_SUFFIXES else "image"
+    return {"type": kind, kind: spec}
+
+
+def _group_media(parts: list[dict], infos: list[MediumInfo]) -> list[list[MediumInfo]]:
+    """Processor media -> one group per ``--media`` value.
+
+    The processor's rule: an image alone among the images of a conversation may become several media
+    (NVILA-Lite: one per tile, consecutive); every other image or video is exactly one medium.
+    """
+    single = sum(p["type"] == "image" for p in parts) == 1
+    groups, i = [], 0
+    for part in parts:
+        n = 1
+        if part["type"] == "image" and single:
+            while i + n < len(infos) and infos[i + n].kind == "image":
+                n += 1
+        groups.append(infos[i:i + n])
+        i += n
+    if i != len(infos):
+        raise RuntimeError(f"{len(infos)} processed media do not map onto {len(parts)} inputs")
+    return groups
+
+
+def _media_row(group: list[MediumInfo]) -> dict[str, Any]:
+    first = group[0]
+    video = first.kind == "video"
+    return {
+        "kind": first.kind,
+        "source": first.source,
+        "tiles": None if video else sum(m.num_tiles for m in group),
+        "frames": first.num_tiles if video else None,
+        "block_size": list(first.block_size) if first.block_size else None,
+        "frame_indices": first.frame_indices if video else None,
+        "visual_tokens": sum(m.num_visual_tokens for m in group),
+        "tokens": sum(m.num_tokens for m in group),
+    }
+
+
+class _Clock:
+    """A ``generate`` streamer that records when each token arrives (the first one: after prefill)."""
+
+    def __init__(self, sync: Callable[[], None] | None = None):
+        self.sync = sync
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+
+    def put(self, ids) -> None:  # ids: (B,)
+        if self.sync is not None:
+            self.sync()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    if not args.do_sample and (args.temperature != 1.0 or args.top_p != 1.0 or args.top_k or args.seed is not None):
+        logger.warning("--temperature/--top-p/--top-k/--seed only apply with --do-sample; decoding greedily")
+    parts = [_media_part(m) for m in args.media]
+    messages = []
+    if args.system is not None:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": [*parts, {"type": "text", "text": args.text}]})
+
+    # Media are decoded before the weights are loaded, so bad media fail fast.
+    t0 = time.perf_counter()
+    processor = NVILAProcessor.from_pretrained(args.model, max_tiles=args.max_tiles, num_video_frames=args.num_frames,
+                                               fps=args.fps, max_pixels=args.max_pixels)
+    t1 = time.perf_counter()
+    inputs, infos = processor.prepare([messages], add_generation_prompt=True)
+    t2 = time.perf_counter()
+    logger.info("preprocessed %d media into a %d-token prompt in %.2f s", len(infos[0]),
+                inputs["input_ids"].shape[1], t2 - t1)
+    model = NVILAForConditionalGeneration.from_pretrained(args.model, torch_dtype=dtype, device=device)
+    t3 = time.perf_counter()
+    logger.info("loaded %s (%s, %s) in %.2f s", args.model, args.dtype, device, t3 - t2 + t1 - t0)
+    inputs = inputs.to(model.device)
+    t4 = time.perf_counter()
+
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else None
+    clock = _Clock(sync)
+    ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                         streamer=clock)
+    t5 = time.perf_counter()
+    prompt_len = inputs["input_ids"].shape[1]
+    new = ids[0, prompt_len:].tolist()
+    ttft = clock.times[0] - clock.start if clock.times else None
+    decode_s = clock.times[-1] - clock.times[0] if len(clock.times) > 1 else None
+    report = {
+        "model": str(args.model),
+        "dtype": args.dtype,
+        "device": str(model.device),
+        "answer": processor.decode(new),
+        "finish_reason": "stop" if new and new[-1] in model.ids.stop else "length",
+        "prompt_tokens": prompt_len,
+        "new_tokens": len(new),
+        "media": [_media_row(g) for g in _group_media(parts, infos[0])],
+        "timings": {
+            "model_load_s": (t1 - t0) + (t3 - t2),
+            "preprocess_s": (t2 - t1) + (t4 - t3),
+            "time_to_first_token_s": ttft,
+            "decode_tokens_per_s": (len(clock.times) - 1) / decode_s if decode_s else None,
+            "generate_s": t5 - t4,
+        },
+    }
+    _write(json.dumps(report, ensure_ascii=False) if args.json else _format_infer(report))
+    return 0
+
+
+def _table(headers: list[str], rows: list[list[Any]], right: set[int]) -> list[str]:
+    """Aligned text columns (the ``right`` ones right-aligned); None prints as ``-``."""
+    cells = [headers] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in cells]
+
+
+def _format_infer(r: dict[str, Any]) -> str:
+    lines = [r["answer"], ""]
+    rows = [[m["kind"], m["source"], m["tiles"] if m["kind"] == "image" else m["frames"],
+             "x".join(map(str, m["block_size"])) if m["block_size"] else None, m["visual_tokens"], m["tokens"]]
+            for m in r["media"]]
+    if rows:
+        lines += _table(["kind", "file", "tiles/frames", "block", "visual tokens", "tokens"], rows, {2, 4, 5})
+    media_tokens = sum(m["tokens"] for m in r["media"])
+    lines.append(f"prompt: {r['prompt_tokens']} tokens ({media_tokens} media + {r['prompt_tokens'] - media_tokens} text)")
+    t = r["timings"]
+    ttft = f"{t['time_to_first_token_s']:.3f} s (prefill)" if t["time_to_first_token_s"] is not None else None
+    rate = f"{t['decode_tokens_per_s']:.1f} tokens/s" if t["decode_tokens_per_s"] is not None else None
+    lines += ["", f"timings: {r['model']} ({r['dtype']}, {r['device']})"]
+    lines += ["  " + s for s in _table(["", ""], [
+        ["model load", f"{t['model_load_s']:.3f} s"],
+        ["preprocessing", f"{t['preprocess_s']:.3f} s"],
+        ["first token", ttft],
+        ["decode", rate],
+        ["new tokens", f"{r['new_tokens']} ({r['finish_reason']})"],
+    ], set())[1:]]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- inspect
+def _inspect_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", metavar="PATH",
+                   help="a checkpoint directory (exact vocabulary from its tokenizer) or a bare top-level config.json")
+    p.add_argument("--image-size", type=_image_size, nargs="+", action="extend", metavar="WxH",
+                   help="image sizes for the token budget (default: 1000x700)")
+    p.add_argument("--video-frames", type=_int_at_least(1), metavar="N",
+                   help="frames for the video token budget (default: the config's num_video_frames)")
+    p.add_argument("--max-tiles", type=_int_at_least(1), metavar="N", help="override the config's max_tiles")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the human report")
+
+
+def _family(cfg: NVILAConfig) -> str:
+    if cfg.video_encoder.kind == "tsp":
+        return "NVILA-Video"
+    return {"dynamic_s2": "NVILA", "dynamic": "NVILA-Lite"}.get(cfg.image_aspect_ratio, "NVILA-like")
+
+
+def _marker_tokens(text: str | None, tok) -> int | None:
+    """Tokens of a start/end/separator string; without a tokenizer only the Qwen2 ``"\\n"`` is known."""
+    if not text:
+        return 0
+    if tok is not None:
+        return len(tok(text, add_special_tokens=False).input_ids)
+    return 1 if text == "\n" else None
+
+
+def _image_budget(cfg: NVILAConfig, width: int, height: int, tok) -> dict[str, Any]:
+    per_medium = num_image_tokens(cfg, width, height, single=True)
+    block = None
+    tiles = len(per_medium)
+    if cfg.is_dynamic_s2:
+        block = tiling.dynamic_s2_grid(width, height, cfg.s2_scales, cfg.max_tiles)
+        tiles = sum((s // cfg.vision.image_size) ** 2 for s in cfg.s2_scales[:-1]) + block[0] * block[1]
+    elif cfg.image_aspect_ratio == "dynamic":
+        block = tiling.dynamic_grid(width, height, cfg.min_tiles, cfg.max_tiles, cfg.vision.image_size)
+    start, end = (_marker_tokens(s, tok) for s in (cfg.image_encoder.start_tokens, cfg.image_encoder.end_tokens))
+    marks = None if start is None or end is None else (start + end) * len(per_medium)
+    visual = sum(per_medium)
+    return {"width": width, "height": height, "tiles": tiles, "block_size": list(block) if block else None,
+            "media": len(per_medium), "visual_tokens": visual, "tokens": None if marks is None else visual + marks}
+
+
+def _video_budget(cfg: NVILAConfig, frames: int, tok) -> dict[str, Any]:
+    visual = num_video_tokens(cfg, frames)  # raises ValueError if TSP pools do not divide the frames
+    layout = video_layout(frames, tokens_per_tile(cfg.projector_type, cfg.vision.grid), cfg.video_encoder)
+    enc = cfg.video_encoder
+    start, end, sep = (_marker_tokens(s, tok) for s in (enc.start_tokens, enc.end_tokens, enc.sep_tokens))
+    tokens = None
+    if None not in (start, end, sep):
+        tokens = sum(n * (start + t + end) for n, t in layout) + sep * len(layout)
+    return {"frames": frames, "fps": cfg.fps, "pooled_frames": sum(n for n, _ in layout),
+            "visual_tokens": visual, "tokens": tokens}
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    tok = ids = None
+    if path.is_dir():
+        check_layout(path)
+    cfg = NVILAConfig.from_pretrained(path)
+    if path.is_dir():
+        tok = load_tokenizer(path / "llm")
+        ids = token_ids(tok, resolve_chat_template(cfg, tok))
+    if args.max_tiles is not None:
+        cfg = cfg.with_overrides(max_tiles=args.max_tiles)
+    params = NVILAForConditionalGeneration.on_meta(cfg, ids).num_parameters()
+    llm, vis, enc = cfg.llm, cfg.vision, cfg.video_encoder
+    report = {
+        "path": str(path),
+        "family": _family(cfg),
+        "image_aspect_ratio": cfg.image_aspect_ratio,
+        "s2_scales": list(cfg.s2_scales) if cfg.s2_scales else None,
+        "max_tiles": cfg.max_tiles,
+        "min_tiles": cfg.min_tiles,
+        "projector_type": cfg.projector_type,
+        "mm_hidden_size": cfg.mm_hidden_size,
+        "llm": {"hidden_size": llm.hidden_size, "intermediate_size": llm.intermediate_size,
+                "num_hidden_layers": llm.num_hidden_layers, "num_attention_heads": llm.num_attention_heads,
+                "num_key_value_heads": llm.num_key_value_heads, "head_dim": llm.head_dim,
+                "vocab_size": ids.vocab_size if ids else llm.vocab_size,
+                "vocab_source": "tokenizer" if ids else "config",
+                "tie_word_embeddings": llm.tie_word_embeddings, "model_max_length": llm.model_max_length},
+        "vision": {"hidden_size": vis.hidden_size, "intermediate_size": vis.intermediate_size,
+                   "num_hidden_layers": vis.num_hidden_layers, "num_attention_heads": vis.num_attention_heads,
+                   "image_size": vis.image_size, "patch_size": vis.patch_size,
+                   "select_layer": vis.select_layer, "select_feature": vis.select_feature},
+        "video_encoder": {"kind": enc.kind, "pool_sizes": [list(p) for p in enc.pool_sizes]},
+        "num_video_frames": cfg.num_video_frames,
+        "fps": cfg.fps,
+        "parameters": params,
+        "images": [_image_budget(cfg, w, h, tok) for w, h in (args.image_size or [(1000, 700)])],
+        "video": _video_budget(cfg, args.video_frames or cfg.num_video_frames, tok),
+    }
+    _write(json.dumps(report) if args.json else _format_inspect(report))
+    return 0
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def _format_inspect(r: dict[str, Any]) -> str:
+    llm, vis, enc = r["llm"], r["vision"], r["video_encoder"]
+    images = r["image_aspect_ratio"]
+    if r["s2_scales"]:
+        images += f", S2 scales {', '.join(map(str, r['s2_scales']))}"
+    if r["image_aspect_ratio"] in ("dynamic_s2", "dynamic"):
+        images += f", tiles {r['min_tiles']}..{r['max_tiles']}"
+    video = enc["kind"] + (f" (pool sizes {', '.join('x'.join(map(str, p)) for p in enc['pool_sizes'])})"
+                           if enc["pool_sizes"] else "")
+    video += f", {r['num_video_frames']} frames" + (f" at most, at {r['fps']:g} fps" if r["fps"] else "")
+    summary = [
+        ["images", images],
+        ["projector", f"{r['projector_type']}, mm_hidden_size {r['mm_hidden_size']}"],
+        ["llm", f"Qwen2, hidden {llm['hidden_size']}, {llm['num_hidden_layers']} layers, "
+                f"{llm['num_attention_heads']} heads ({llm['num_key_value_heads']} KV, dim {llm['head_dim']}), "
+                f"FFN {llm['intermediate_size']}, vocab {llm['vocab_size']} ({llm['vocab_source']}), "
+                f"context {llm['model_max_length']}"],
+        ["vision", f"SigLIP, hidden {vis['hidden_size']}, {vis['num_hidden_layers']} layers, "
+                   f"{vis['num_attention_heads']} heads, FFN {vis['intermediate_size']}, {vis['image_size']} px "
+                   f"tiles, patch {vis['patch_size']}, select layer {vis['select_layer']} ({vis['select_feature']})"],
+        ["video", video],
+    ]
+    lines = [f"{r['path']}: {r['family']}"]
+    lines += ["  " + s for s in _table(["", ""], summary, set())[1:]]
+    p = r["parameters"]
+    lines += ["parameters"]
+    lines += ["  " + s for s in _table(["", ""], [[k, _count(p[k])] for k in ("vision_tower", "mm_projector", "llm", "total")],
+                                       {1})[1:]]
+    lines += ["token budget (one medium alone in its prompt; tokens include start/end tokens)"]
+    rows = [[f"image {m['width']}x{m['height']}", m["tiles"], "x".join(map(str, m["block_size"])) if m["block_size"] else None,
+             m["visual_tokens"], m["tokens"] if m["tokens"] is not None else "?"] for m in r["images"]]
+    v = r["video"]
+    pooled = v["frames"] if v["pooled_frames"] == v["frames"] else f"{v['pooled_frames']} pooled"
+    rows.append([f"video {v['frames']} frames", pooled, None, v["visual_tokens"],
+                 v["tokens"] if v["tokens"] is not None else "?"])
+    lines += ["  " + s for s in _table(["medium", "tiles/frames", "block", "visual tokens", "tokens"], rows, {1, 3, 4})]
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- plumbing
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {
+    "infer": Command("answer a prompt about images and videos with a checkpoint", _infer_arguments, run_infer),
+    "inspect": Command("summarise a checkpoint or config.json: dimensions, parameters, token budget",
+                       _inspect_arguments, run_inspect),
+    "serve": Command(serve_cli.HELP, serve_cli.add_arguments, serve_cli.run),
+    "quantize": Command(quant_cli.HELP, quant_cli.add_arguments, quant_cli.run),
+    "train": Command("train or fine-tune NVILA from a recipe YAML", train_cli.add_arguments, train_cli.run),
+    "finetune": Command("PEFT fine-tuning: LoRA on the LLM, LayerNorm-only ViT, full projector",
+                        functools.partial(train_cli.add_arguments, finetune=True), train_cli.run),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nvila", description="NVILA vision-language models: run and inspect checkpoints.",
+                     epilog="Exit codes: 0 success, 2 bad input (one 'nvila: error:' line on stderr), 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"nvila {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more to stderr (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help[:1].upper() + cmd.help[1:] + ".")
+        p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                       help="log more to stderr (-v info, -vv debug)")
+        cmd.add_arguments(p)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+@contextlib.contextmanager
+def _logging(verbose: int) -> Iterator[logging.handlers.MemoryHandler | None]:
+    """Route the ``nvila`` loggers to the current stderr for one command; restore them afterwards.
+
+    With ``-v``/``-vv`` records are written as they come. At the default verbosity (warnings) they
+    are held in the yielded handler and written when the command ends, unless the caller clears it
+    on bad input, so that an error is reported in exactly one line.
+    """
+    log = logging.getLogger("nvila")
+    saved = log.level, log.propagate
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter("nvila: %(levelname)s: %(message)s"))
+    held = None
+    if not verbose:
+        held = logging.handlers.MemoryHandler(10_000, flushLevel=logging.CRITICAL + 1, target=stream,
+                                              flushOnClose=False)
+    handler = held or stream
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING)
+    log.propagate = False
+    try:
+        yield held
+    finally:
+        if held is not None:
+            held.flush()
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"nvila: error: {' '.join(message.split())}\n")
+    return EXIT_BAD_INPUT
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``nvila`` command line; returns the exit code (see the module docstring)."""
+    try:
+        try:
+            parser = build_parser()
+            args, extra = parser.parse_known_args(argv)
+            if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+                args.overrides = [*args.overrides, *extra]  # key=value overrides after flags (nvila train)
+            elif extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        except UsageError as e:
+            return _fail(str(e))
+        except SystemExit as e:  # --help, --version
+            return e.code if isinstance(e.code, int) else 0
+        with _logging(args.verbose) as held:
+            try:
+                return args.run(args)
+            except BAD_INPUT as e:
+                if held is not None:
+                    held.buffer.clear()  # the error line is the whole report
+                logger.debug("bad input", exc_info=True)
+                return _fail(str(e) or type(e).__name__)
+    except KeyboardInterrupt:
+        sys.stderr.write("nvila: interrupted\n")
+        return EXIT_INTERRUPTED
+

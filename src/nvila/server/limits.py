@@ -1,0 +1,25 @@
+"""The server's per-request limits: plain data, importable without the ``[serve]`` extra."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Per-request limits; each violation is a 4xx error in OpenAI's shape.
+
+    Args:
+        max_body_bytes: largest request body (413 above it). Media travel inside the body as data
+            URLs, so this also bounds their size; remote downloads are capped at the same size.
+        max_tokens: cap on ``max_tokens`` / ``max_completion_tokens``. A request asking for more
+            gets a 400 (no silent clamping); a request that asks for nothing gets the cap.
+        max_media: most images + videos in one request (400 above it).
+        max_video_frames: most frames a request may ask for with ``num_video_frames`` (400 above
+            it); None: no cap. Requests that do not ask get the checkpoint's own frame count.
+    """
+
+    max_body_bytes: int = 32 << 20
+    max_tokens: int = 2048
+    max_media: int = 16
+    max_video_frames: int | None = None

@@ -1,0 +1,311 @@
+"""Training samples: LLaVA-style JSON/JSONL records -> model inputs with assistant-only labels.
+
+Record format (spec §2.1)::
+
+    {"image": "a.jpg" | ["a.jpg", "b.jpg"], "video": "clip.mp4" | "frames_dir/",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
+                       {"from": "gpt", "value": "A cat."}, ...]}
+
+Media paths are relative to the dataset's media root. As in the reference, the ``<image>`` /
+``<video>`` markers are stripped from the text and the media are prepended to the first human turn.
+
+Mixture YAML (paths relative to the YAML file)::
+
+    datasets:
+      - {name: cc3m, path: cc3m.jsonl, media_root: images, repeat: 1, fraction: 1.0}
+
+``repeat`` copies a dataset (the reference's ``name*3``); ``fraction`` < 1 keeps a seeded random
+subset first.
+
+Tokenization and media expansion are the inference processor's (``NVILAProcessor.prepare``), so
+training and inference see identical ids. Labels (spec §2.2) cover every assistant content token
+plus the ``<|im_end|>`` that closes it; system, user, role headers and media positions are -100.
+The assistant header ids come from the checkpoint's chat template (its generation prompt).
+
+Bad samples (missing or corrupt media, empty answers, no first human turn, longer than
+``max_length`` after media expansion) raise ``BadSample``; the stream skips and counts them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfigError
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+MARKERS = ("<image>", "<video>")
+
+
+class BadSample(Exception):
+    """A sample that cannot be trained on; ``reason`` is a short counter key."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------- mixture
+@dataclass
+class DatasetSpec:
+    name: str
+    path: Path
+    media_root: Path
+    repeat: int = 1
+    fraction: float = 1.0
+
+
+def load_mixture(path: str | os.PathLike) -> list[DatasetSpec]:
+    """Read and check a mixture YAML: every data file and media root must exist.
+
+    Raises:
+        TrainConfigError: a missing or malformed file, an unknown key, a bad repeat/fraction.
+    """
+    import yaml
+
+    p = Path(path)
+    if not str(path) or not p.is_file():
+        raise TrainConfigError(f"data.mixture: {p}: no such mixture file")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise TrainConfigError(f"{p}: not valid YAML ({e})") from None
+    entries = raw.get("datasets") if isinstance(raw, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise TrainConfigError(f"{p}: expected a non-empty 'datasets' list")
+    valid = {"name", "path", "media_root", "repeat", "fraction"}
+    specs = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or "path" not in e:
+            raise TrainConfigError(f"{p}: datasets[{i}] must be a mapping with a 'path'")
+        unknown = sorted(set(e) - valid)
+        if unknown:
+            raise TrainConfigError(f"{p}: datasets[{i}] has unknown key {unknown[0]}; valid: {', '.join(sorted(valid))}")
+        data = (p.parent / str(e["path"])).resolve()
+        if not data.is_file():
+            raise TrainConfigError(f"{p}: datasets[{i}]: data file {data} does not exist")
+        root = (p.parent / str(e["media_root"])).resolve() if e.get("media_root") else data.parent
+        if not root.is_dir():
+            raise TrainConfigError(f"{p}: datasets[{i}]: media_root {root} is not a directory")
+        repeat, fraction = e.get("repeat", 1), e.get("fraction", 1.0)
+        if not isinstance(repeat, int) or repeat < 1 or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise TrainConfigError(f"{p}: datasets[{i}]: repeat must be an integer >= 1 and fraction in (0, 1]")
+        specs.append(DatasetSpec(str(e.get("name", data.stem)), data, root, repeat, float(fraction)))
+    return specs
+
+
+def read_records(path: Path) -> list[dict]:
+    """All records of a ``.json`` (a list) or ``.jsonl`` file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise TrainConfigError(f"{path}: unreadable data file ({e})") from None
+    if not isinstance(records, list):
+        raise TrainConfigError(f"{path}: expected a JSON list of samples (or JSONL, one per line)")
+    return records
+
+
+class MixtureDataset:
+    """The mixture as one indexable list of (record, media root), repeats and sub-sampling applied."""
+
+    def __init__(self, specs: list[DatasetSpec], seed: int = 0):
+        self.records: list[list[dict]] = [read_records(s.path) for s in specs]
+        self.roots = [s.media_root for s in specs]
+        self.index: list[tuple[int, int]] = []
+        for d, (spec, recs) in enumerate(zip(specs, self.records)):
+            keep = list(range(len(recs)))
+            if spec.fraction < 1:
+                keep = sorted(random.Random(f"{seed}:{spec.name}").sample(keep, max(1, round(len(recs) * spec.fraction))))
+            self.index += [(d, i) for _ in range(spec.repeat) for i in keep]
+            logger.info("dataset %s: %d records, %d samples in the mixture", spec.name, len(recs),
+                        len(keep) * spec.repeat)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[dict, Path]:
+        d, j = self.index[i]
+        return self.records[d][j], self.roots[d]
+
+
+# ---------------------------------------------------------------------------------------- samples
+@dataclass
+class Sample:
+    """One encoded sample. Media tensors are in the order of their tokens in ``input_ids``."""
+
+    input_ids: torch.Tensor  # (L,) long, media placeholders expanded
+    labels: torch.Tensor  # (L,) long, IGNORE_INDEX outside assistant answers
+    pixel_values: torch.Tensor | None = None  # (N_tiles, 3, S, S)
+    image_block_sizes: list = field(default_factory=list)
+    pixel_values_videos: torch.Tensor | None = None  # (N_frames, 3, S, S)
+    video_num_frames: list[int] = field(default_factory=list)
+
+
+def to_conversation(record: dict, media_root: Path) -> list[dict]:
+    """A LLaVA record -> processor messages; media become parts of the first human turn.
+
+    Raises:
+        BadSample: no conversations, a first turn that is not human, an empty answer, missing media.
+    """
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadSample("no conversations")
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    messages = []
+    for t in turns:
+        role = roles.get(t.get("from") if isinstance(t, dict) else None)
+        if role is None or not isinstance(t.get("value"), str):
+            raise BadSample("malformed turn", repr(t)[:80])
+        text = t["value"]
+        for marker in MARKERS:
+            text = text.replace(marker, "")
+        if role == "assistant" and not text.strip():
+            raise BadSample("empty answer")
+        messages.append({"role": role, "content": text.strip()})
+    first = next((m for m in messages if m["role"] != "system"), None)
+    if first is None or first["role"] != "user":
+        raise BadSample("first turn is not human")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadSample("no answer")
+    parts = []
+    for kind in ("image", "video"):
+        value = record.get(kind)
+        for rel in ([value] if isinstance(value, str) else value or []):
+            path = Path(rel) if os.path.isabs(rel) else media_root / rel
+            if not path.exists():
+                raise BadSample("missing media", str(path))
+            parts.append({"type": kind, kind: str(path)})
+    first["content"] = parts + [{"type": "text", "text": first["content"]}]
+    return messages
+
+
+def assistant_header_ids(processor) -> list[int]:
+    """Token ids that open an assistant turn: the chat template's generation prompt."""
+    tok, template = processor.tokenizer, processor.chat_template
+    probe = [{"role": "user", "content": "x"}]
+    plain = tok.apply_chat_template(probe, chat_template=template, tokenize=False, add_generation_prompt=False)
+    prompt = tok.apply_chat_template(probe, chat_template=template, tokenize=False, add_generation_prompt=True)
+    if not prompt.startswith(plain) or prompt == plain:
+        raise TrainConfigError("the chat template has no generation prompt: cannot find assistant turns")
+    return tok(prompt[len(plain):], add_special_tokens=False).input_ids
+
+
+def assistant_labels(ids: list[int], header: list[int], stops: set[int]) -> list[int]:
+    """Labels for one sequence: assistant content and its closing stop token; the rest IGNORE_INDEX."""
+    labels = [IGNORE_INDEX] * len(ids)
+    h, i = len(header), 0
+    while i + h <= len(ids):
+        if ids[i:i + h] != header:
+            i += 1
+            continue
+        j = i + h
+        while j < len(ids):
+            labels[j] = ids[j]
+            j += 1
+            if ids[j - 1] in stops:
+                break
+        i = j
+    return labels
+
+
+class SampleEncoder:
+    """Record -> ``Sample`` through the inference processor.
+
+    Args:
+        processor: an ``NVILAProcessor`` (its config sets tiles and frames).
+        max_length: the longest media-expanded sequence kept.
+    """
+
+    def __init__(self, processor, max_length: int):
+        self.processor = processor
+        self.max_length = max_length
+        self.header = assistant_header_ids(processor)
+        self.stops = set(processor.ids.stop)
+
+    def __call__(self, record: dict, media_root: Path) -> Sample:
+        from nvila.media import MediaError
+
+        conversation = to_conversation(record, media_root)
+        try:
+            inputs, _ = self.processor.prepare([conversation], add_generation_prompt=False)
+        except (MediaError, OSError, ValueError) as e:
+            raise BadSample("unreadable media", str(e)) from None
+        ids = inputs["input_ids"][0]  # (L,) a batch of one has no padding
+        if ids.numel() > self.max_length:
+            raise BadSample("too long", f"{ids.numel()} > {self.max_length} tokens")
+        labels = torch.tensor(assistant_labels(ids.tolist(), self.header, self.stops), dtype=torch.long)
+        if not (labels != IGNORE_INDEX).any():
+            raise BadSample("no supervised tokens")
+        return Sample(ids, labels, inputs.get("pixel_values"), list(inputs.get("image_block_sizes", [])),
+                      inputs.get("pixel_values_videos"), list(inputs.get("video_num_frames", [])))
+
+
+# ----------------------------------------------------------------------------------------- stream
+class SampleStream:
+    """This rank's endless, resumable walk over the mixture, skipping and counting bad samples.
+
+    Each epoch is a permutation of the mixture seeded by ``(seed, epoch)``; rank ``r`` of ``world``
+    reads positions ``r, r + world, ...`` of it (the remainder is dropped so every rank sees the
+    same count). With no bad samples, global batch ``s`` is therefore the same set of samples for
+    any split into processes x micro-batches. The state is the cursor and the skip counters.
+    """
+
+    def __init__(self, dataset: MixtureDataset, encode: SampleEncoder, *, rank: int = 0, world: int = 1,
+                 seed: int = 0, shuffle: bool = True):
+        self.dataset, self.encode = dataset, encode
+        self.rank, self.world, self.seed, self.shuffle = rank, world, seed, shuffle
+        self.per_rank = len(dataset) // world
+        self.cursor = 0
+        self.skipped: Counter = Counter()
+        self._epoch, self._order = -1, []
+
+    def _index(self, position: int) -> int:
+        epoch, k = divmod(position, self.per_rank)
+        if epoch != self._epoch:
+            n = len(self.dataset)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._order = torch.randperm(n, generator=g).tolist()
+            else:
+                self._order = list(range(n))
+            self._epoch = epoch
+        return self._order[self.rank + self.world * k]
+
+    def take(self, n: int) -> list[Sample]:
+        """The next ``n`` good samples of this rank."""
+        out = []
+        misses = 0
+        while len(out) < n:
+            record, root = self.dataset[self._index(self.cursor)]
+            self.cursor += 1
+            try:
+                out.append(self.encode(record, root))
+                misses = 0
+            except BadSample as e:
+                self.skipped[e.reason] += 1
+                logger.debug("skipped a sample: %s", e)
+                misses += 1
+                if misses >= self.per_rank:
+                    raise TrainConfigError(f"no usable sample in a whole epoch (skipped: {dict(self.skipped)}; "
+                                           f"last: {e})") from None
+        return out
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])
+        self.skipped = Counter(state["skipped"])

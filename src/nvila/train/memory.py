@@ -1,0 +1,105 @@
+"""Dry-run memory report: weight, gradient and optimizer bytes per component, from meta-device shapes.
+
+The model is built on the meta device from a checkpoint directory or a bare ``config.json``
+(no weights are read), cast to the training dtype, and put through the same ``apply_trainability``
+as a real run (LoRA injection, NF4 base weights). Bytes then follow from shapes and dtypes:
+
+* weights: every parameter and persistent buffer (NF4 codes and block scales included), tied
+  weights counted once (the parameter count includes NF4-stored weights);
+* gradients: one tensor per trainable parameter, in its dtype;
+* optimizer: AdamW's ``exp_avg`` and ``exp_avg_sq`` per trainable parameter, in its dtype.
+
+Per process, with DDP every rank holds all of it. Activations are excluded from the totals: they
+depend on the micro-batch length; ``activation_estimate`` gives an order of magnitude for the LLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import COMPONENTS, TrainConfig, TrainConfigError
+from .peft import MODULES, NF4Linear, apply_trainability
+from .trainer import DTYPES
+
+GIB = 2**30
+
+
+@dataclass
+class ComponentMemory:
+    mode: str
+    parameters: int
+    trainable: int
+    weight_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.grad_bytes + self.optimizer_bytes
+
+
+def memory_report(cfg: TrainConfig) -> dict:
+    """Bytes per component for ``cfg`` (see the module docstring).
+
+    Returns:
+        {"components": {name: ComponentMemory}, "total_bytes": int, "activation_bytes": int, "dtype": str}
+    """
+    from nvila.config import ConfigError, NVILAConfig
+    from nvila.model import NVILAForConditionalGeneration
+
+    try:
+        config = NVILAConfig.from_pretrained(cfg.model.path)
+    except ConfigError as e:
+        raise TrainConfigError(f"model.path: {e}") from None
+    model = NVILAForConditionalGeneration.on_meta(config).to(DTYPES[cfg.model.dtype])
+    apply_trainability(model, cfg.model)
+    components = {}
+    for comp in COMPONENTS:
+        module = getattr(model, MODULES[comp])
+        params = {id(p): p for p in module.parameters()}.values()
+        trainable = [p for p in params if p.requires_grad]
+        weights = sum(p.numel() * p.element_size() for p in params)
+        weights += sum(b.numel() * b.element_size() for name, b in module.named_buffers()
+                       if not any(k in name for k in ("rotary_emb", "position_ids")))  # non-persistent
+        grads = sum(p.numel() * p.element_size() for p in trainable)
+        count = sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in module.modules()
+                                                      if isinstance(m, NF4Linear))
+        components[comp] = ComponentMemory(getattr(cfg.model, comp), count,
+                                           sum(p.numel() for p in trainable), weights, grads, 2 * grads)
+    return {"components": components, "total_bytes": sum(c.total_bytes for c in components.values()),
+            "activation_bytes": activation_estimate(config, cfg), "dtype": cfg.model.dtype}
+
+
+def activation_estimate(config, cfg: TrainConfig) -> int:
+    """Order-of-magnitude LLM activation bytes for one micro-batch of ``data.max_length`` tokens per sample.
+
+    With gradient checkpointing: every layer's input is kept, plus one layer recomputed in full;
+    without: every layer in full. Logits are counted in the model dtype, their float32 copy and
+    its gradient. Vision activations are left out.
+    """
+    llm = config.llm
+    t = cfg.data.max_length * cfg.optim.micro_batch_size
+    b = torch.empty((), dtype=DTYPES[cfg.model.dtype]).element_size()
+    per_layer = t * b * (10 * llm.hidden_size + 3 * llm.intermediate_size)  # q/k/v/o, norms, MLP
+    layers = (llm.num_hidden_layers * t * llm.hidden_size * b + per_layer if cfg.model.gradient_checkpointing
+              else llm.num_hidden_layers * per_layer)
+    logits = t * llm.vocab_size * (b + 4 + 4)
+    return layers + logits
+
+
+def format_report(report: dict, limit_gib: float | None = None) -> str:
+    """A plain-text table of ``memory_report`` output (GiB)."""
+    rows = [f"{'component':<10} {'mode':<10} {'params':>14} {'trainable':>14} {'weights':>9} {'grads':>9} "
+            f"{'optim':>9} {'total':>9}"]
+    for name, c in report["components"].items():
+        rows.append(f"{name:<10} {c.mode:<10} {c.parameters:>14,} {c.trainable:>14,} {c.weight_bytes / GIB:>9.2f} "
+                    f"{c.grad_bytes / GIB:>9.2f} {c.optimizer_bytes / GIB:>9.2f} {c.total_bytes / GIB:>9.2f}")
+    total = report["total_bytes"] / GIB
+    rows.append(f"{'total':<10} {report['dtype']:<10} {'':>14} {'':>14} {'':>9} {'':>9} {'':>9} {total:>9.2f}")
+    rows.append(f"activations (rough estimate, not in the total): {report['activation_bytes'] / GIB:.2f} GiB")
+    if limit_gib is not None:
+        verdict = "fits" if total < limit_gib else "does NOT fit"
+        rows.append(f"weights + gradients + optimizer {verdict} in {limit_gib:g} GiB per process")
+    return "\n".join(rows)

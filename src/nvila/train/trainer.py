@@ -1,0 +1,252 @@
+"""The training loop: one script for every stage recipe, single-process or under ``torchrun``.
+
+Read top to bottom, ``train`` does: check the config and the data (errors before any work) ->
+join the process group -> load the processor and the model from ``model.path`` -> set the
+trainability of each component (peft.py) -> AdamW with one parameter group per component (own LR;
+no weight decay on norms and biases) and a cosine schedule with linear warm-up -> optionally resume
+-> for each step: take ``accum`` micro-batches of this rank's samples, pack or pad them, and
+backpropagate the token-mean cross entropy of the *global* batch -> clip, step, log, save.
+
+Loss normalisation: every micro-batch contributes ``sum of token CE / N``, where ``N`` is the
+number of labelled tokens in the whole global batch (all micro-batches of all ranks, one
+all-reduce per step before the forward passes). DDP averages gradients over ``W`` ranks, so each
+rank scales its loss by ``W``. The step's gradient is therefore that of the global token-mean loss,
+whatever the split into processes x micro-batches: the same global batch gives the same loss.
+
+Metrics (``<output_dir>/metrics.jsonl``, rank 0, one line per step): step, loss, grad_norm, lr per
+component, tokens (media-expanded, all ranks), tokens_per_s, step_time_s, peak memory (MiB),
+skipped samples by reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed as D
+from . import state as S
+from .config import TrainConfig, TrainConfigError, accumulation_steps, total_steps
+from .data import IGNORE_INDEX, MixtureDataset, SampleEncoder, SampleStream, load_mixture
+from .packing import collate, num_targets, to_device, use_packed_attention
+from .peft import apply_trainability, component_parameters
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------- checks
+def check(cfg: TrainConfig, world_size: int, *, resume: bool = False) -> tuple[MixtureDataset, int, int]:
+    """Everything that can fail before work starts: files, batch sizes, the output directory.
+
+    Returns:
+        (dataset, accumulation steps per rank, total optimizer steps)
+    Raises:
+        TrainConfigError: with a message naming the offending key or file.
+    """
+    from nvila.checkpoint import CheckpointError, check_layout
+
+    if not cfg.model.path:
+        raise TrainConfigError("model.path is not set: give the checkpoint to start from (model.path=DIR)")
+    try:
+        check_layout(cfg.model.path)
+    except CheckpointError as e:
+        raise TrainConfigError(f"model.path: {e}") from None
+    if not cfg.data.mixture:
+        raise TrainConfigError("data.mixture is not set: give a mixture YAML (data.mixture=FILE)")
+    accum = accumulation_steps(cfg, world_size)
+    dataset = MixtureDataset(load_mixture(cfg.data.mixture), seed=cfg.run.seed)
+    if len(dataset) // world_size < cfg.optim.micro_batch_size:
+        raise TrainConfigError(f"impossible batch size: {len(dataset)} samples cannot give each of {world_size} "
+                               f"processes a micro-batch of {cfg.optim.micro_batch_size}")
+    steps = total_steps(cfg, len(dataset))
+    if not resume and S.list_checkpoints(cfg.run.output_dir):
+        raise TrainConfigError(f"run.output_dir {cfg.run.output_dir} already holds checkpoints: pass --resume "
+                               f"to continue that run, or choose another run.output_dir")
+    return dataset, accum, steps
+
+
+# ------------------------------------------------------------------------------------- schedule
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps (the first step is non-zero), then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """One AdamW group per component and decay kind: ``vision``, ``vision.no_decay``, ... (empty ones dropped)."""
+    groups = []
+    for comp, named in component_parameters(model).items():
+        lr = getattr(cfg.optim.lr, comp)
+        decay = [p for n, p in named if p.ndim >= 2]
+        no_decay = [p for n, p in named if p.ndim < 2]  # biases and norm weights
+        for suffix, params, wd in (("", decay, cfg.optim.weight_decay), (".no_decay", no_decay, 0.0)):
+            if params:
+                groups.append({"name": comp + suffix, "params": params, "lr": lr, "weight_decay": wd})
+    if not groups:
+        raise TrainConfigError("no trainable parameters after applying model.vision/projector/llm")
+    return groups
+
+
+# ------------------------------------------------------------------------------------------ loop
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _checkpoint_activations(module) -> None:
+    """transformers' per-layer activation checkpointing (non-reentrant), under its 5.x name if present."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token CE over labelled positions. logits (B, T, V), labels (B, T) -> scalar."""
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines of steps <= ``step`` (a resumed run re-logs the steps after it)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+    """Run (or resume) training as configured; returns the last checkpoint directory.
+
+    Args:
+        cfg: the full training config.
+        resume: continue from the newest complete checkpoint in ``run.output_dir`` (a fresh start if
+            there is none).
+    """
+    from nvila.model import NVILAForConditionalGeneration
+    from nvila.processor import NVILAProcessor
+
+    info = D.world_from_env()
+    dataset, accum, steps = check(cfg, info.world, resume=resume)
+    info = D.init(cfg.model.device)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    device, dtype = torch.device(cfg.model.device), DTYPES[cfg.model.dtype]
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    torch.manual_seed(cfg.run.seed)
+    random.seed(cfg.run.seed)
+    out_dir = Path(cfg.run.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---- processor, model, trainability
+    media = {k: v for k, v in (("max_tiles", cfg.data.max_tiles), ("num_video_frames", cfg.data.num_video_frames),
+                               ("fps", cfg.data.fps)) if v is not None}
+    processor = NVILAProcessor.from_pretrained(cfg.model.path, **media)
+    model = NVILAForConditionalGeneration.from_pretrained(cfg.model.path, dtype=dtype, device=device)
+    model.config = processor.config  # preprocessing overrides travel with the saved checkpoints
+    apply_trainability(model, cfg.model)
+    if cfg.model.gradient_checkpointing:
+        for comp, module in (("llm", model.llm), ("vision", model.vision_tower.vision_model)):
+            if getattr(cfg.model, comp) != "frozen":  # a frozen tower keeps no activations anyway
+                _checkpoint_activations(module)
+    if cfg.data.pack:
+        use_packed_attention(model.llm)
+    model.train()
+    counts = {c: sum(p.numel() for _, p in named) for c, named in component_parameters(model).items()}
+    logger.info("trainable parameters: %s", ", ".join(f"{c} {n:,}" for c, n in counts.items()))
+
+    # ---- optimizer, schedule, data
+    groups = param_groups(model, cfg)
+    optimizer = torch.optim.AdamW(groups, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    warmup = math.ceil(cfg.optim.warmup_ratio * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, warmup=warmup, total=steps, min_ratio=cfg.optim.min_lr_ratio))
+    stream = SampleStream(dataset, SampleEncoder(processor, cfg.data.max_length), rank=info.rank,
+                          world=info.world, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+    start = 0
+    ckpts = S.list_checkpoints(out_dir) if resume else []
+    if ckpts:
+        start = S.load(ckpts[-1], model=model, optimizer=optimizer, scheduler=scheduler, stream=stream, info=info)
+    metrics_path = out_dir / "metrics.jsonl"
+    if info.is_main:
+        _truncate_metrics(metrics_path, start)
+    ddp = D.wrap(model, info)
+
+    # ---- loop
+    from tqdm import tqdm
+
+    stop = min(steps, cfg.run.stop_after) if cfg.run.stop_after else steps
+    bar = tqdm(total=steps, initial=start, disable=not (info.is_main and cfg.run.progress), file=sys.stderr,
+               desc="train", dynamic_ncols=True)
+    trainable = [p for g in groups for p in g["params"]]
+    last = None
+    for step in range(start, stop):
+        t0 = time.perf_counter()
+        micro = [collate(stream.take(cfg.optim.micro_batch_size), packed=cfg.data.pack,
+                         pad_id=processor.ids.pad) for _ in range(accum)]
+        local_targets = sum(num_targets(b) for b in micro)
+        local_tokens = sum(int(b["input_ids"].numel() if cfg.data.pack else b["attention_mask"].sum()) for b in micro)
+        n_targets = D.all_sum([local_targets])[0]
+        ce_total = 0.0
+        for i, batch in enumerate(micro):
+            batch = to_device(batch, device, dtype)
+            labels = batch.pop("labels")
+            sync = i == len(micro) - 1
+            with (nullcontext() if sync or info.world == 1 else ddp.no_sync()):
+                ce = _token_ce_sum(ddp(**batch).logits, labels)
+                (ce * (info.world / max(n_targets, 1))).backward()
+            ce_total += float(ce.detach())
+        if cfg.optim.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.detach().float().norm() for p in trainable if p.grad is not None] or [torch.zeros(())])))
+        lrs = {g["name"].split(".")[0]: g["lr"] for g in optimizer.param_groups}
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        skipped = sum(stream.skipped.values())
+        ce_sum, tokens, skipped_all = D.all_sum([ce_total, local_tokens, skipped])
+        elapsed = time.perf_counter() - t0
+        record = {"step": step + 1, "loss": ce_sum / max(n_targets, 1), "grad_norm": grad_norm,
+                  "lr": lrs, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
+                  "memory_mib": _peak_memory_mib(device), "skipped": int(skipped_all)}
+        if info.is_main:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if stream.skipped:
+                logger.debug("skipped samples on rank 0: %s", dict(stream.skipped))
+        if (step + 1) % cfg.run.save_every == 0 or step + 1 == stop:
+            last = S.save(out_dir, step + 1, model=model, tokenizer=processor.tokenizer, optimizer=optimizer,
+                          scheduler=scheduler, stream=stream, info=info, config=cfg.to_dict(),
+                          keep_last=cfg.run.keep_last)
+    bar.close()
+    if stream.skipped:
+        logger.warning("rank %d skipped %d bad samples: %s", info.rank, sum(stream.skipped.values()),
+                       dict(stream.skipped))
+    D.shutdown()
+    if last is None:  # resumed a run that had already finished
+        last = S.list_checkpoints(out_dir)[-1]
+    return last
+
