@@ -174,3 +174,32 @@ def test_shutdown_aborts_everything(tiny_checkpoints):
     assert set(reasons) <= {"abort", "length"} and "abort" in reasons
     with pytest.raises(RuntimeError, match="shut down"):
         engine.submit(GenerationRequest(messages=_requests()[0]))
+
+
+def test_one_prefill_at_most_between_decode_steps(tiny_checkpoints):
+    """While streams decode, new requests are admitted one per scheduler iteration: a decode step runs
+    between any two admissions, so media encoding stalls running streams for at most one prefill."""
+    path = tiny_checkpoints["nvila"]
+    engine = Engine(NVILAForConditionalGeneration.from_pretrained(path), NVILAProcessor.from_pretrained(path),
+                    EngineConfig(max_batch_size=8))
+    trace: list[str] = []
+    admit, step = engine._admit, engine._step
+    engine._admit = lambda r: (trace.append("admit"), admit(r))[1]
+    engine._step = lambda: (trace.append("step"), step())[1]
+    try:
+        running = engine.submit(GenerationRequest(messages=_requests()[0], max_tokens=200, ignore_eos=True))
+        next(iter(running))
+        img = lambda c: [{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (300, 300), c)},  # noqa: E731
+                                                      {"type": "text", "text": "Colour?"}]}]
+        joiners = [engine.submit(GenerationRequest(messages=img(c), max_tokens=3, ignore_eos=True))
+                   for c in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+        for h in joiners:
+            h.text()
+        running.cancel()
+        running.text()
+    finally:
+        engine.shutdown()
+    admissions = [i for i, t in enumerate(trace) if t == "admit"]
+    assert len(admissions) == 4
+    for a, b in zip(admissions[1:], admissions[2:]):
+        assert "step" in trace[a:b], trace

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from nvila.config import VisionConfig
-from nvila.vision import (
+from nvila.vision import (  # noqa: I001
+    VISION_ATTENTION,
+    eager_attention_chunked,
     VisionTower,
     merge_chessboard,
     s2_blocks,
@@ -46,9 +48,29 @@ def test_state_dict_keys_are_published_names():
     assert not any(".head." in k for k in keys)
 
 
-def test_uses_eager_attention_like_the_reference():
-    tower = VisionTower(_tiny())
-    assert tower.vision_model.config._attn_implementation == "eager"
+def test_attention_is_bit_identical_to_eager_like_the_reference():
+    torch.manual_seed(0)
+    tower = VisionTower(_tiny()).eval()
+    assert tower.vision_model.config._attn_implementation == VISION_ATTENTION
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        ours = tower(x)
+        for layer in tower.vision_model.encoder.layers:
+            layer.self_attn.config._attn_implementation = "eager"
+        eager = tower(x)
+    assert torch.equal(ours, eager)
+
+
+def test_chunked_eager_attention_matches_eager_with_mask_and_ragged_chunks():
+    from transformers.models.siglip.modeling_siglip import eager_attention_forward
+
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 37, 8) for _ in range(3))
+    mask = torch.zeros(2, 1, 37, 37).masked_fill(torch.rand(2, 1, 37, 37) < 0.2, float("-inf"))
+    module = torch.nn.Module().eval()
+    ref, _ = eager_attention_forward(module, q, k, v, mask, 0.35)
+    ours, _ = eager_attention_chunked(module, q, k, v, mask, 0.35, chunk=16)
+    assert torch.allclose(ours, ref, atol=1e-6)
 
 
 @pytest.mark.parametrize("select_layer", [-2, -1, 0, 1, -4])

@@ -41,7 +41,7 @@ class EngineConfig:
     max_batch_size: int = 8  # concurrent decode streams = KV-cache slots
     max_seq_len: int | None = 4096  # context per stream; None = the model's model_max_length
     threads: int | None = None  # torch intra-op threads for the scheduler; None = torch's default
-    vision_cache_size: int = 64  # media whose features are kept
+    vision_cache_size: int = 64  # media whose features are kept (0: no cache)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -50,6 +50,8 @@ class EngineConfig:
             raise ValueError(f"max_seq_len must be >= 2, got {self.max_seq_len}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.vision_cache_size < 0:
+            raise ValueError(f"vision_cache_size must be >= 0, got {self.vision_cache_size}")
 
 
 class EngineClosed(RuntimeError):
@@ -69,6 +71,7 @@ class RequestHandle:
         self.metrics = metrics
         self.finish_reason: str | None = None
         self.token_ids: list[int] = []  # every sampled id, the stop token included (events skip empty text)
+        self.token_times: list[float] = []  # time.perf_counter() when each id was sampled
         self._events: queue.Queue[TokenEvent] = queue.Queue()
         self._lock = threading.Lock()
         self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
@@ -299,9 +302,10 @@ class Engine:
                 encode = self.model.encode_images if info.kind == "image" else self.model.encode_videos
                 with torch.inference_mode():
                     cached = encode(pixels, meta)
-                self._features[digest] = cached
-                while len(self._features) > self.config.vision_cache_size:
-                    self._features.popitem(last=False)
+                if self.config.vision_cache_size:
+                    self._features[digest] = cached
+                    while len(self._features) > self.config.vision_cache_size:
+                        self._features.popitem(last=False)
             else:
                 self._features.move_to_end(digest)
                 r.handle.metrics.cached_media += 1
@@ -341,6 +345,7 @@ class Engine:
             m.ttft_s = now - r.submitted
         r.new_tokens += 1
         r.handle.token_ids.append(token)
+        r.handle.token_times.append(now)
         m.completion_tokens = r.new_tokens
         m.decode_s = now - r.first_token_at
         r.last_token = token
