@@ -141,3 +141,24 @@ def test_output_must_not_be_the_input(checkpoints):
     src, _ = checkpoints["nvila"]
     with pytest.raises(CheckpointError, match="must differ"):
         quantize_checkpoint(src, src, QuantPlan(vision="w8a8"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_runs_a_quantized_checkpoint_like_generate(checkpoints, family):
+    """The engine (and so `nvila serve`) drives the swapped quantized linears: greedy ids equal generate's."""
+    from nvila.engine import Engine, EngineConfig, GenerationRequest
+
+    _, qpath, = checkpoints[family][:2]
+    model, processor = NVILAForConditionalGeneration.from_pretrained(qpath), NVILAProcessor.from_pretrained(qpath)
+    assert any(isinstance(m, (W4A16Linear, W8A8Linear)) for m in model.llm.modules())
+    conv = _prompt(family)[0]
+    inputs = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    ref = model.generate(**inputs, max_new_tokens=6)[0, inputs["input_ids"].shape[1]:].tolist()
+    engine = Engine(model, processor, EngineConfig(max_batch_size=2))
+    try:
+        handle = engine.submit(GenerationRequest(messages=conv, max_tokens=6))
+        handle.text()
+    finally:
+        engine.shutdown()
+    assert handle.token_ids == ref
