@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from common import copy_bandwidth_gbs
 from nvila import NVILAConfig, NVILAForConditionalGeneration, NVILAProcessor
 from nvila.checkpoint import token_ids
 from nvila.config import LLM_PRESETS, VisionConfig
@@ -169,18 +170,6 @@ def run_streams(engine: Engine, n: int, new_tokens: int) -> float:
     end = min(h.token_times[-1] for h in handles)
     tokens = sum(sum(1 for t in h.token_times if start < t <= end) for h in handles)
     return tokens / (end - start) if end > start else float("nan")
-
-
-def copy_bandwidth_gbs(reps: int = 7) -> float:
-    """STREAM-style copy (bytes read + written) on 256 MiB float32 arrays, median GB/s."""
-    a = torch.ones(64 * 1024 * 1024)
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        b.copy_(a)
-        times.append(time.perf_counter() - t)
-    return 2 * a.numel() * 4 / statistics.median(times) / 1e9
 
 
 def llm_bytes_per_token(model) -> int:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common import copy_bandwidth_gbs
 from nvila.config import LLMConfig, NVILAConfig, TokenIds, VisionConfig
 from nvila.llm import reset_llm_buffers
 from nvila.model import NVILAForConditionalGeneration
@@ -104,18 +105,6 @@ def quantized(fp, *, vision: bool, llm, lm_head: bool) -> NVILAForConditionalGen
 
 
 # ------------------------------------------------------------------------------------ measurements
-def copy_bandwidth(reps: int) -> float:
-    """Median copy bandwidth in GB/s over 256 MiB arrays (bytes read + bytes written)."""
-    src = torch.ones(64 * 2**20)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - t)
-    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
-
-
 def decode_bytes(model) -> int:
     """Weight bytes one decode step reads: every LLM linear and norm, as the kernels store them."""
     total = 0
@@ -282,7 +271,7 @@ def main() -> None:
     print(f"# load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     config = lite_2b_config()
     fp = build_fp32(config)
-    bw = copy_bandwidth(7)
+    bw = copy_bandwidth_gbs(7)
     print(f"copy bandwidth: {bw:.1f} GB/s (1 thread, 256 MiB, read+write)")
 
     # a. vision tower

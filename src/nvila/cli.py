@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from . import __version__, tiling
+from .argtypes import float_in, int_at_least
 from .checkpoint import CheckpointError, check_layout, load_tokenizer, resolve_chat_template, token_ids
 from .config import ConfigError, NVILAConfig
 from .media import DEFAULT_MAX_PIXELS, MediaError
@@ -70,31 +71,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------------------ flag value types
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
-
-
-def _float_in(low: float, high: float = float("inf"), *, low_open: bool = False) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (value > low if low_open else value >= low) or value > high:
-            bound = f"in ({low}, {high}]" if high != float("inf") else f"{'>' if low_open else '>='} {low}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
-        return value
-    return parse
-
-
 def _image_size(text: str) -> tuple[int, int]:
     """``"1000x700"`` -> (1000, 700)."""
     w, sep, h = text.lower().partition("x")
@@ -127,24 +103,24 @@ def _infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", required=True, help="the question or instruction, after the media")
     p.add_argument("--system", metavar="TEXT", help="system prompt (default: the chat template's own)")
     pre = p.add_argument_group("preprocessing (defaults come from the checkpoint's config)")
-    pre.add_argument("--max-tiles", type=_int_at_least(1), metavar="N",
+    pre.add_argument("--max-tiles", type=int_at_least(1), metavar="N",
                      help="most tiles per image (NVILA: at the largest S2 scale, so >= 9 for scales 448..1344)")
     frames = pre.add_mutually_exclusive_group()
-    frames.add_argument("--num-frames", type=_int_at_least(1), metavar="N",
+    frames.add_argument("--num-frames", type=int_at_least(1), metavar="N",
                         help="frames sampled evenly from each video (TSP models: a multiple of the temporal pool)")
-    frames.add_argument("--fps", type=_float_in(0, low_open=True), metavar="F",
+    frames.add_argument("--fps", type=float_in(0, low_open=True), metavar="F",
                         help="sample video files at F frames per second instead, at most the config's frame count")
-    pre.add_argument("--max-pixels", type=_int_at_least(1), default=DEFAULT_MAX_PIXELS, metavar="N",
+    pre.add_argument("--max-pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS, metavar="N",
                      help="reject images and video frames with more than N pixels (default: %(default)s)")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=_int_at_least(1), default=256, metavar="N",
+    gen.add_argument("--max-new-tokens", type=int_at_least(1), default=256, metavar="N",
                      help="most tokens to generate (default: %(default)s)")
     gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=_float_in(0), default=1.0, metavar="T",
+    gen.add_argument("--temperature", type=float_in(0), default=1.0, metavar="T",
                      help="sampling temperature, 0 = greedy (default: %(default)s; needs --do-sample)")
-    gen.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=1.0, metavar="P",
+    gen.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=1.0, metavar="P",
                      help="nucleus sampling: keep the most likely tokens up to mass P (default: %(default)s = off)")
-    gen.add_argument("--top-k", type=_int_at_least(0), default=0, metavar="K",
+    gen.add_argument("--top-k", type=int_at_least(0), default=0, metavar="K",
                      help="keep the K most likely tokens (default: %(default)s = off)")
     gen.add_argument("--seed", type=int, metavar="S", help="random seed for sampling (reproducible runs)")
     run = p.add_argument_group("runtime")
@@ -152,7 +128,7 @@ def _infer_arguments(p: argparse.ArgumentParser) -> None:
                      help="weights and activations dtype (default: %(default)s)")
     run.add_argument("--device", type=_device, metavar="DEV",
                      help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
-    run.add_argument("--threads", type=_int_at_least(1), metavar="N", help="CPU threads for torch (torch.set_num_threads)")
+    run.add_argument("--threads", type=int_at_least(1), metavar="N", help="CPU threads for torch (torch.set_num_threads)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the human report")
 
 
@@ -314,9 +290,9 @@ def _inspect_arguments(p: argparse.ArgumentParser) -> None:
                    help="a checkpoint directory (exact vocabulary from its tokenizer) or a bare top-level config.json")
     p.add_argument("--image-size", type=_image_size, nargs="+", action="extend", metavar="WxH",
                    help="image sizes for the token budget (default: 1000x700)")
-    p.add_argument("--video-frames", type=_int_at_least(1), metavar="N",
+    p.add_argument("--video-frames", type=int_at_least(1), metavar="N",
                    help="frames for the video token budget (default: the config's num_video_frames)")
-    p.add_argument("--max-tiles", type=_int_at_least(1), metavar="N", help="override the config's max_tiles")
+    p.add_argument("--max-tiles", type=int_at_least(1), metavar="N", help="override the config's max_tiles")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the human report")
 
 

@@ -12,18 +12,9 @@ import argparse
 import json
 import sys
 import time
+from ..argtypes import positive_int
 
 HELP = "quantize a checkpoint: SmoothQuant W8A8 vision tower/projector, AWQ W4A16 or W8A8 language model"
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,15 +31,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=None, help="calibration JSONL with a \"text\" per line (default: bundled)")
     p.add_argument("--calib-images", nargs="+", default=None, metavar="PATH",
                    help="calibration images or directories for the vision tower (default: random colour fields)")
-    p.add_argument("--calib-samples", type=_positive, default=128, help="calibration text blocks (default 128)")
-    p.add_argument("--calib-seq-len", type=_positive, default=512, help="tokens per block (default 512)")
-    p.add_argument("--calib-tiles", type=_positive, default=8, help="calibration tiles (default 8)")
-    p.add_argument("--search-tokens", type=_positive, default=1024,
+    p.add_argument("--calib-samples", type=positive_int, default=128, help="calibration text blocks (default 128)")
+    p.add_argument("--calib-seq-len", type=positive_int, default=512, help="tokens per block (default 512)")
+    p.add_argument("--calib-tiles", type=positive_int, default=8, help="calibration tiles (default 8)")
+    p.add_argument("--search-tokens", type=positive_int, default=1024,
                    help="calibration rows per layer group for the AWQ searches (default 1024)")
     p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128, 256), help="W4A16 group size")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (default 0.5)")
     p.add_argument("--device", default="cpu", help="device used while quantizing (default cpu)")
-    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -209,6 +209,14 @@ class QuantLinear(nn.Module):
         self._kernel = None
         self.register_load_state_dict_post_hook(lambda module, _: module.reset_kernel())
 
+    def _copy_extras(self, linear: nn.Linear, input_scale: Tensor | None) -> "QuantLinear":
+        """Take the float linear's bias and the (unfoldable) input scale; returns self."""
+        if linear.bias is not None:
+            self.bias = linear.bias.detach().clone()
+        if input_scale is not None:
+            self.input_scale = input_scale.float().clone()
+        return self
+
     def reset_kernel(self) -> None:
         """Drop the packed runtime weights (rebuilt from the persistent tensors on the next call)."""
         self._kernel = None
@@ -250,11 +258,7 @@ class W8A8Linear(QuantLinear):
         m = cls(w.shape[1], w.shape[0], bias=linear.bias is not None, input_scale=input_scale is not None,
                 device=w.device, dtype=w.dtype)
         m.qweight, m.scales = quantize_w8(w)
-        if linear.bias is not None:
-            m.bias = linear.bias.detach().clone()
-        if input_scale is not None:
-            m.input_scale = input_scale.float().clone()
-        return m
+        return m._copy_extras(linear, input_scale)
 
     def dequantized_weight(self) -> Tensor:
         """(N, K) float32 reference weight."""
@@ -286,11 +290,7 @@ class W4A16Linear(QuantLinear):
                 input_scale=input_scale is not None, device=w.device, dtype=w.dtype)
         codes, m.scales, m.zeros = quantize_w4(w, group_size, clip=clip)
         m.qweight = pack_nibbles(codes)
-        if linear.bias is not None:
-            m.bias = linear.bias.detach().clone()
-        if input_scale is not None:
-            m.input_scale = input_scale.float().clone()
-        return m
+        return m._copy_extras(linear, input_scale)
 
     def dequantized_weight(self) -> Tensor:
         """(N, K) float32 reference weight."""

@@ -25,21 +25,12 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from ..argtypes import positive_int
 from .limits import ServerLimits
 
 HELP = "serve a checkpoint over an OpenAI-compatible HTTP API, with a web demo page"
 DTYPES = ("float32", "bfloat16", "float16")
 MAX_PIXELS = 25_000_000  # a 5000x5000 image decodes to 75 MB of RGB; the library's own default is 100 MP
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -67,25 +58,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     lim = p.add_argument_group("limits (violations are 4xx errors)")
     lim.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20, metavar="MB",
                      help="largest request body, media included as data URLs (413; default: %(default)g)")
-    lim.add_argument("--max-tokens", type=_positive_int, default=d.max_tokens, metavar="N",
+    lim.add_argument("--max-tokens", type=positive_int, default=d.max_tokens, metavar="N",
                      help="cap on a request's max_tokens (400 above it); the default for requests that "
                           "give none (default: %(default)s)")
-    lim.add_argument("--max-media", type=_positive_int, default=d.max_media, metavar="N",
+    lim.add_argument("--max-media", type=positive_int, default=d.max_media, metavar="N",
                      help="most images + videos per request (default: %(default)s)")
-    lim.add_argument("--max-pixels", type=_positive_int, default=MAX_PIXELS, metavar="N",
+    lim.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, metavar="N",
                      help="reject images and video frames with more than N pixels, checked from the header before "
                           "decoding (400; default: %(default)s)")
-    lim.add_argument("--max-video-frames", type=_positive_int, metavar="N",
+    lim.add_argument("--max-video-frames", type=positive_int, metavar="N",
                      help="most frames a request may ask for with num_video_frames (default: the checkpoint's "
                           "num_video_frames)")
     eng = p.add_argument_group("engine")
-    eng.add_argument("--max-batch-size", type=_positive_int, default=8, metavar="N",
+    eng.add_argument("--max-batch-size", type=positive_int, default=8, metavar="N",
                      help="most requests decoded together (default: %(default)s)")
-    eng.add_argument("--max-seq-len", type=_positive_int, default=4096, metavar="N",
+    eng.add_argument("--max-seq-len", type=positive_int, default=4096, metavar="N",
                      help="KV-cache length per request: prompt + answer (default: %(default)s)")
     eng.add_argument("--vision-cache-size", type=int, default=64, metavar="N",
                      help="media whose vision features are kept for follow-up turns (default: %(default)s)")
-    eng.add_argument("--threads", type=_positive_int, metavar="N", help="CPU threads for torch")
+    eng.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch")
     eng.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: %(default)s)")
     eng.add_argument("--device", metavar="DEV", help="torch device (default: cuda if available, else cpu)")
 
