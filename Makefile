@@ -17,7 +17,7 @@ STAMP  := $(VENV)/.stamp
 # that the project's plain `torch>=...` requirement is already satisfied and pip never resolves
 # (and downloads) a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,video,serve
+EXTRAS ?= dev,video,serve,train
 PYTEST_ARGS ?=
 ARGS ?=
 
