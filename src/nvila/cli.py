@@ -35,6 +35,7 @@ from . import __version__, tiling
 from .argtypes import float_in, int_at_least
 from .checkpoint import CheckpointError, check_layout, load_tokenizer, resolve_chat_template, token_ids
 from .config import ConfigError, NVILAConfig
+from .eval import cli as eval_cli
 from .media import DEFAULT_MAX_PIXELS, MediaError
 from .model import NVILAForConditionalGeneration
 from .processor import MediumInfo, NVILAProcessor, num_image_tokens, num_video_tokens
@@ -445,6 +446,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command("train or fine-tune NVILA from a recipe YAML", train_cli.add_arguments, train_cli.run),
     "finetune": Command("PEFT fine-tuning: LoRA on the LLM, LayerNorm-only ViT, full projector",
                         functools.partial(train_cli.add_arguments, finetune=True), train_cli.run),
+    "eval": Command(eval_cli.HELP, eval_cli.add_arguments, eval_cli.run),
 }
 
 

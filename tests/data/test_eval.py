@@ -1,0 +1,108 @@
+"""SynthVILA through the trainer's data loader, and ``nvila eval`` end to end on a tiny random checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from nvila.data import synthetic as S
+from nvila.eval import cli as eval_cli
+from nvila.eval import evaluate, normalise, to_markdown
+from nvila.processor import NVILAProcessor
+from nvila.tiny import build_tiny_checkpoint
+from nvila.train.data import IGNORE_INDEX, MixtureDataset, SampleEncoder, SampleStream, load_mixture
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    tok = S.build_synth_tokenizer(vocab_size=400)
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "synth", "nvila", seed=0, tokenizer=tok)
+
+
+def test_every_family_loads_through_the_trainer(ckpt, tmp_path):
+    data = tmp_path / "data"
+    lines = ["datasets:"]
+    for family in S.FAMILIES:
+        opts = {"canvas": (448, 448)} if S.FAMILIES[family].kind == "image" else {}
+        S.generate(family, 2, data, 0, **opts)
+        lines.append(f"  - {{name: {family}, path: data/{family}.jsonl}}")
+    (tmp_path / "mix.yaml").write_text("\n".join(lines) + "\n")
+    dataset = MixtureDataset(load_mixture(tmp_path / "mix.yaml"))
+    assert len(dataset) == 2 * len(S.FAMILIES)
+    processor = NVILAProcessor.from_pretrained(ckpt)
+    stream = SampleStream(dataset, SampleEncoder(processor, 8192), shuffle=False)
+    samples = stream.take(len(dataset))
+    assert not stream.skipped  # no bad samples
+    tok = processor.tokenizer
+    for (record, _), s in zip((dataset[i] for i in range(len(dataset))), samples):
+        answer = tok.decode(s.labels[s.labels != IGNORE_INDEX].tolist())
+        assert answer == record["conversations"][1]["value"] + "<|im_end|>"
+        kind = S.FAMILIES[record["meta"]["family"]].kind
+        if kind == "video":
+            assert s.pixel_values_videos is not None and s.video_num_frames
+        else:
+            assert s.pixel_values is not None
+            assert (s.input_ids == processor.ids.image).any()
+
+
+def test_normalise():
+    assert normalise("  Red.\n") == "red"
+    assert normalise("RED  blue\tgreen") == "red blue green"
+
+
+def _run_cli(argv):
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    return eval_cli.run(parser.parse_args(argv))
+
+
+def test_cli_on_a_family_name(ckpt, tmp_path, capsys):
+    md = tmp_path / "out.md"
+    torch.manual_seed(0)
+    assert _run_cli(["--model", str(ckpt), "--task", "coarse_colour", "--limit", "3", "--json",
+                     "--max-new-tokens", "4", "--markdown", str(md)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 3 and 0.0 <= result["accuracy"] <= 1.0
+    assert set(result["families"]) == {"coarse_colour"}
+    assert result["task"] == "coarse_colour"
+    assert all(s["answer"] in S.COLOURS for s in result["samples"])
+    assert md.read_text() == to_markdown(result)
+    assert "| coarse_colour | 3 |" in md.read_text()
+
+
+def test_evaluate_mixed_jsonl_groups_by_family_and_honours_limit(ckpt, tmp_path):
+    a = S.generate("video_count", 2, tmp_path, 1)
+    b = S.generate("compare_count", 2, tmp_path, 1)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(a.read_text() + b.read_text())
+    result = evaluate(ckpt, mixed, limit=3, max_new_tokens=3, progress=False)
+    assert result["n"] == 3
+    assert {k: v["n"] for k, v in result["families"].items()} == {"video_count": 2, "compare_count": 1}
+    for f in result["families"].values():
+        assert 0.0 <= f["accuracy"] <= 1.0 and f["accuracy"] == f["correct"] / f["n"]
+
+
+def test_cli_rejects_an_unknown_task(ckpt):
+    with pytest.raises(ValueError, match="families: all, fine_code"):
+        _run_cli(["--model", str(ckpt), "--task", "nope", "--limit", "1"])
+    with pytest.raises(ValueError, match="--limit must be >= 1"):
+        _run_cli(["--model", str(ckpt), "--task", "coarse_count", "--limit", "0"])
+
+
+def test_cli_all_families_prints_a_markdown_table(ckpt, capsys):
+    assert _run_cli(["--model", str(ckpt), "--task", "all", "--limit", "1", "--max-new-tokens", "2",
+                     "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for family in S.FAMILIES:
+        assert f"| {family} | 1 |" in out
+    assert f"| **all** | {len(S.FAMILIES)} |" in out
+
+
+def test_evaluate_reports_a_record_without_an_answer(ckpt, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "conversations": [{"from": "human", "value": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match="record 0 \\(x\\): cannot evaluate \\(no answer\\)"):
+        evaluate(ckpt, bad, progress=False)
