@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"--- {name}: {', '.join(Path(m).name for m in media)} | {question}\n")
         sys.stdout.flush()
         code = cli_main(["infer", "--model", str(path), "--media", *media, "--text", question,
-                         "--max-new-tokens", "16", "--device", "cpu"])
+                         "--max-new-tokens", "16"])
         if code:
             return code
         sys.stdout.write("\n")

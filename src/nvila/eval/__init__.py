@@ -44,7 +44,7 @@ def _prompt_and_answer(record: dict, root: Path) -> tuple[list[dict], str]:
 
 def evaluate(model_path: str | os.PathLike, task: str | os.PathLike, limit: int | None = None, *,
              max_new_tokens: int = 16, progress: bool = True, dtype: torch.dtype = torch.float32,
-             **processor_options) -> dict:
+             device: str | torch.device = "cpu", **processor_options) -> dict:
     """Exact-match accuracy of a checkpoint on a task JSONL, overall and per family.
 
     Args:
@@ -78,7 +78,7 @@ def evaluate(model_path: str | os.PathLike, task: str | os.PathLike, limit: int 
     if not records:
         raise ValueError(f"{path}: no records to evaluate")
     processor = NVILAProcessor.from_pretrained(model_path, **processor_options)
-    model = NVILAForConditionalGeneration.from_pretrained(model_path, torch_dtype=dtype, device="cpu")
+    model = NVILAForConditionalGeneration.from_pretrained(model_path, torch_dtype=dtype, device=device)
     t0 = time.perf_counter()
     samples = []
     for i, record in enumerate(tqdm(records, desc=f"eval {path.stem}", unit="sample", disable=not progress)):

@@ -31,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tiles", type=int, default=None, help="override the checkpoint's max_tiles")
     parser.add_argument("--num-frames", type=int, default=None, help="override the video frames sampled")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (with per-sample predictions)")
     parser.add_argument("--markdown", metavar="FILE", default=None, help="also write the Markdown table to FILE")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -69,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         path = _task_file(args.task, args.eval_size if args.limit is None else args.limit, Path(tmp))
         generated = path.parent == Path(tmp)
         result = evaluate(args.model, path, None if generated else args.limit, max_new_tokens=args.max_new_tokens,
-                          progress=not args.no_progress, max_tiles=args.max_tiles, num_video_frames=args.num_frames)
+                          progress=not args.no_progress, max_tiles=args.max_tiles, num_video_frames=args.num_frames,
+                          device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if generated:
         result["task"] = args.task
     table = to_markdown(result)
