@@ -24,7 +24,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .config import ConfigError, TokenIds
+from .config import TokenIds
 from .llm import fit_vocab_rows
 
 logger = logging.getLogger(__name__)

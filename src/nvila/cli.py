@@ -318,7 +318,7 @@ def _image_budget(cfg: NVILAConfig, width: int, height: int, tok) -> dict[str, A
     tiles = len(per_medium)
     if cfg.is_dynamic_s2:
         block = tiling.dynamic_s2_grid(width, height, cfg.s2_scales, cfg.max_tiles)
-        tiles = sum((s // cfg.vision.image_size) ** 2 for s in cfg.s2_scales[:-1]) + block[0] * block[1]
+        tiles = tiling.dynamic_s2_num_tiles(block, cfg.s2_scales, cfg.vision.image_size)
     elif cfg.image_aspect_ratio == "dynamic":
         block = tiling.dynamic_grid(width, height, cfg.min_tiles, cfg.max_tiles, cfg.vision.image_size)
     start, end = (_marker_tokens(s, tok) for s in (cfg.image_encoder.start_tokens, cfg.image_encoder.end_tokens))

@@ -25,6 +25,7 @@ from .llm import build_llm, reset_llm_buffers
 from .projector import build_projector
 from .quant.format import apply_quant_metadata, read_quant_metadata
 from .temporal import encode_video_features
+from .tiling import dynamic_s2_num_tiles
 from .vision import VisionTower, s2_blocks, s2_output_grid, s2_unblock
 
 logger = logging.getLogger(__name__)
@@ -130,10 +131,9 @@ class NVILAForConditionalGeneration(nn.Module):
         if not self.config.is_dynamic_s2:
             return self.mm_projector(feats).flatten(0, 1)
         scales, tile = self.config.s2_scales, self.config.vision.image_size
-        per_scale = sum((s // tile) ** 2 for s in scales[:-1])
         blocks, grids, start = [], [], 0
         for bs in block_sizes:
-            n = 1 if bs is None else per_scale + bs[0] * bs[1]
+            n = dynamic_s2_num_tiles(bs, scales, tile)
             blocks.append(s2_blocks(feats[start:start + n], bs, scales, tile, self.config.s2_resize_output_to_scale_idx))
             grids.append(None if bs is None else s2_output_grid(bs, scales, tile, self.config.s2_resize_output_to_scale_idx))
             start += n

@@ -101,6 +101,14 @@ def dynamic_s2_grid(width: int, height: int, scales: Sequence[int], max_tiles: i
     return rows, cols
 
 
+def dynamic_s2_num_tiles(block_size: tuple[int, int] | None, scales: Sequence[int], tile: int) -> int:
+    """Tiles one image becomes under dynamic-S2: (s/tile)^2 per scale but the last, then rows*cols
+    for the last (1 + 4 + rows*cols for 448/896/1344); 1 for an image without a block size."""
+    if block_size is None:
+        return 1
+    return sum((s // tile) ** 2 for s in scales[:-1]) + block_size[0] * block_size[1]
+
+
 def dynamic_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile: int) -> tuple[int, int]:
     """Tile grid of NVILA-Lite's ``dynamic`` mode.
 

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
 
 from nvila.engine.api import GenerationRequest, RequestMetrics, TokenEvent
 from nvila.media import MediaError, load_image
