@@ -96,3 +96,34 @@ def build_tiny_checkpoint(out_dir: str | os.PathLike, family: str = "nvila", *, 
         torch.manual_seed(seed)
         model = NVILAForConditionalGeneration(config, ids)
     return save_pretrained(model, tok, out_dir, metadata={"nvila_weights": "random"})
+
+
+# SynthVILA: the bundled small model (spec training.md §7.2/7.4 sizes, geometry chosen for a 2-core
+# CPU). 24-px tiles with 4-px patches give a 6x6 patch grid, which 2x2 and 3x3 space-to-channel both
+# divide; Dynamic-S2 over (24, 72) sees 72-px canvases at native resolution (1 + 9 tiles), three
+# times the single-tile resolution in both axes.
+SYNTH_TILE, SYNTH_PATCH, SYNTH_SCALES = 24, 4, (24, 72)
+SYNTH_VISION = VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                            image_size=SYNTH_TILE, patch_size=SYNTH_PATCH, select_layer=-1)
+SYNTH_LLM = LLMConfig(vocab_size=0, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10_000.0,
+                      max_position_embeddings=4096, model_max_length=2048)
+
+
+def synthvila_config(vocab_size: int, *, dynamic_s2: bool = True, projector_type: str = "mlp_downsample",
+                     num_video_frames: int = 16, temporal_pool: int = 4) -> NVILAConfig:
+    """The SynthVILA model config: SigLIP-style ViT, spatial-to-channel projector, Qwen2-style LLM.
+
+    Args:
+        vocab_size: the tokenizer's length.
+        dynamic_s2: Dynamic-S2 over ``SYNTH_SCALES``; False gives a single low-res tile per image.
+        projector_type: ``mlp_downsample`` (2x2) or ``mlp_downsample_3x3_fix`` (3x3).
+        num_video_frames: frames sampled per video.
+        temporal_pool: frames averaged per group (TSP); 1 keeps every frame.
+    """
+    video = (VideoEncoderConfig(kind="tsp", pool_sizes=[(temporal_pool, 1, 1)]) if temporal_pool > 1
+             else VideoEncoderConfig())
+    return NVILAConfig(llm=replace(SYNTH_LLM, vocab_size=vocab_size), vision=replace(SYNTH_VISION),
+                       projector_type=projector_type, image_aspect_ratio="dynamic_s2" if dynamic_s2 else "resize",
+                       s2_scales=SYNTH_SCALES if dynamic_s2 else None, max_tiles=12,
+                       num_video_frames=num_video_frames, video_encoder=video)

@@ -210,6 +210,30 @@ def render_scene(scene: dict, noise: float = 0.0, rng: np.random.Generator | Non
     return img
 
 
+def scene_label_maps(scene: dict) -> dict[str, np.ndarray]:
+    """Per-pixel labels of a ``make_scene`` description, for dense vision pre-training.
+
+    Returns:
+        (H, W) int64 maps: ``glyph`` is 1 + digit at the centre pixel of each code glyph and 0
+        elsewhere; ``colour`` is 1 + the index in ``COLOURS`` on shape pixels, 0 elsewhere; ``shape``
+        is 1 + the index in ``SHAPES`` on shape pixels, 0 elsewhere.
+    """
+    W, H = scene["canvas"]
+    maps = {k: np.zeros((H, W), dtype=np.int64) for k in ("glyph", "colour", "shape")}
+    for s in scene["shapes"]:
+        x, y, w, _ = s["box"]
+        mask = _shape_mask(s["shape"], w)
+        maps["colour"][y:y + w, x:x + w][mask] = 1 + list(COLOURS).index(s["colour"])
+        maps["shape"][y:y + w, x:x + w][mask] = 1 + SHAPES.index(s["shape"])
+    code = scene["code"]
+    if code is not None:
+        g = code["glyph_scale"]
+        x0, y0 = code["ink_xy"]
+        for k, ch in enumerate(code["text"]):
+            maps["glyph"][y0 + 2 * g + g // 2, x0 + k * (GLYPH_W + 1) * g + g + g // 2] = 1 + int(ch)
+    return maps
+
+
 def scene_answer(family: str, scene: dict) -> str:
     """The answer of an image family's question about ``scene`` (largest shape first)."""
     largest = scene["shapes"][0]
@@ -219,10 +243,11 @@ def scene_answer(family: str, scene: dict) -> str:
 
 # ---------------------------------------------------------------------------------------- videos
 def make_clip(rng: np.random.Generator, n_events: int, *, frames: int = 64, size: int = 32,
-              min_gap: int = 8, distinct: bool = False) -> dict:
+              min_gap: int = 8, distinct: bool = False, flash: tuple[int, int] = (3, 4)) -> dict:
     """A clip description: a static textured background and ``n_events`` short coloured flashes.
 
-    Flashes last 3-4 frames, at least ``min_gap`` frames apart (start to previous end).
+    Flashes last ``flash[0]``-``flash[1]`` frames, at least ``min_gap`` frames apart (start to
+    previous end).
 
     Args:
         rng: the random source.
@@ -231,11 +256,12 @@ def make_clip(rng: np.random.Generator, n_events: int, *, frames: int = 64, size
         size: frame width and height in pixels.
         min_gap: frames between flashes.
         distinct: give every flash a different colour.
+        flash: shortest and longest flash, in frames.
     Returns:
         ``{"frames", "size", "background", "events": [{"colour", "start", "duration", "box"}]}``,
         events in time order.
     """
-    durations = rng.integers(3, 5, size=n_events).tolist()
+    durations = rng.integers(flash[0], flash[1] + 1, size=n_events).tolist()
     slack = frames - 2 - sum(durations) - min_gap * (n_events - 1)
     if slack < 0:
         raise ValueError(f"{n_events} flashes do not fit in {frames} frames")
@@ -274,6 +300,19 @@ def render_clip(clip: dict, noise: float = 6.0) -> list[np.ndarray]:
                 frame[y:y + h, x:x + w] = COLOURS[e["colour"]]
         out.append(frame)
     return out
+
+
+def clip_label_maps(clip: dict, frame: int) -> dict[str, np.ndarray]:
+    """Per-pixel labels of one frame of a ``make_clip`` description (as ``scene_label_maps``):
+    flashes are squares, so ``colour`` and ``shape`` are set on their boxes; ``glyph`` is all 0."""
+    n = clip["size"]
+    maps = {k: np.zeros((n, n), dtype=np.int64) for k in ("glyph", "colour", "shape")}
+    for e in clip["events"]:
+        if e["start"] <= frame < e["start"] + e["duration"]:
+            x, y, w, h = e["box"]
+            maps["colour"][y:y + h, x:x + w] = 1 + list(COLOURS).index(e["colour"])
+            maps["shape"][y:y + h, x:x + w] = 1 + SHAPES.index("square")
+    return maps
 
 
 def clip_answer(family: str, clip: dict) -> str:
@@ -324,7 +363,8 @@ def _compare_sample(family: str, seed: int, i: int, media: Path, rel: str, opts:
 def _video_sample(family: str, seed: int, i: int, media: Path, rel: str, opts: dict) -> tuple[dict, list[str]]:
     rng = np.random.default_rng([seed, 2, i])
     n_events = {"video_colour": 1, "video_order": 3}.get(family) or int(rng.integers(1, 5))
-    clip = make_clip(rng, n_events, frames=opts["frames"], size=opts["size"], distinct=family == "video_order")
+    clip = make_clip(rng, n_events, frames=opts["frames"], size=opts["size"], distinct=family == "video_order",
+                     flash=tuple(opts["flash"]), min_gap=opts["min_gap"])
     for f, frame in enumerate(render_clip(clip, opts["noise"])):
         _save_png(frame, media / f"{i:07d}" / f"{f:04d}.png")
     return {"video": f"{rel}/{i:07d}", "scene": clip}, [clip_answer(family, clip)]
@@ -347,7 +387,7 @@ class Family:
 
 _IMAGE = {"canvas": (1344, 1344), "code_length": 4, "glyph_scale": 1, "clutter": 40, "noise": 0.0}
 _COMPARE = {"canvas": (448, 448), "clutter": 10, "noise": 0.0}
-_VIDEO = {"frames": 64, "size": 32, "noise": 6.0}
+_VIDEO = {"frames": 64, "size": 32, "noise": 6.0, "flash": (3, 4), "min_gap": 8}
 
 _SPECS = [("fine_code", "image", _image_sample, _IMAGE), ("coarse_colour", "image", _image_sample, _IMAGE),
           ("coarse_count", "image", _image_sample, _IMAGE), ("coarse_shape", "image", _image_sample, _IMAGE),
@@ -358,6 +398,24 @@ _SPECS = [("fine_code", "image", _image_sample, _IMAGE), ("coarse_colour", "imag
 # Eval seeds: one per family, well above the small integers recipes use for training splits.
 FAMILIES: dict[str, Family] = {name: Family(name, kind, build, dict(defaults), eval_seed=10_007 + 101 * k)
                                for k, (name, kind, build, defaults) in enumerate(_SPECS)}
+
+
+# Size presets: "paper" is the published geometry (448-px tiles, the family defaults); "small" is the
+# bundled SynthVILA model's (24-px tiles, Dynamic-S2 over 24/72 px, 16 of 31 video frames).
+SIZE_PRESETS: dict[str, dict[str, dict]] = {
+    "paper": {},
+    "small": {"image": {"canvas": (72, 72), "code_length": 3, "glyph_scale": 1, "clutter": 8, "noise": 8.0},
+              "multi_image": {"canvas": (72, 72), "clutter": 4, "noise": 8.0},
+              "video": {"frames": 31, "size": 24, "noise": 6.0, "flash": (2, 2), "min_gap": 7}},
+}
+
+
+def preset_options(family: str, preset: str) -> dict:
+    """The size options of ``family`` under a ``SIZE_PRESETS`` name; raises ``ValueError`` listing the
+    valid presets."""
+    if preset not in SIZE_PRESETS:
+        raise ValueError(f"unknown size preset {preset!r}; valid: {', '.join(SIZE_PRESETS)}")
+    return dict(SIZE_PRESETS[preset].get(get_family(family).kind, {}))
 
 
 def get_family(name: str) -> Family:
@@ -377,7 +435,8 @@ def generate(family: str, n: int, out_dir: str | os.PathLike, seed: int, **size_
         seed: the split seed (``FAMILIES[family].eval_seed`` for the eval split).
         **size_options: overrides of the family's ``defaults``. Image families: ``canvas``
             ``(W, H)``, ``code_length``, ``glyph_scale``, ``clutter``, ``noise``; comparison:
-            ``canvas``, ``clutter``, ``noise``; video: ``frames``, ``size``, ``noise``.
+            ``canvas``, ``clutter``, ``noise``; video: ``frames``, ``size``, ``noise``, ``flash``
+            (shortest, longest) and ``min_gap`` in frames.
     Returns:
         The JSONL path, ``out_dir/<family>.jsonl``.
     Raises:

@@ -2,7 +2,8 @@
 
 Contract: ``--task`` is a JSONL/JSON file, a SynthVILA family name (``nvila.data.FAMILIES``), or
 ``all``. A family's eval split is generated into a temporary directory from the family's own eval
-seed (``--limit`` samples, default ``--eval-size``); ``all`` does so for every family. For a file,
+seed (or ``--seed``) at the ``--preset`` sizes (``--limit`` samples, default ``--eval-size``); ``all``
+does so for every family. For a file,
 ``--limit`` keeps its first N records. Output on stdout: the Markdown table, or one JSON object with
 ``--json``; ``--markdown FILE`` also writes the table to FILE. Bad input raises ``ValueError``
 (exit code 2 through ``nvila.cli``).
@@ -27,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most N samples (per family for names)")
     parser.add_argument("--eval-size", type=int, default=100,
                         help="samples generated per family when --task is a name and --limit is not given")
+    parser.add_argument("--preset", default="small",
+                        help="SynthVILA size preset of generated splits: small (the bundled model's 24-px "
+                             "geometry) or paper (448-px tiles)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="generate the split from this seed instead of each family's eval seed")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="decode budget per answer")
     parser.add_argument("--max-tiles", type=int, default=None, help="override the checkpoint's max_tiles")
     parser.add_argument("--num-frames", type=int, default=None, help="override the video frames sampled")
@@ -37,9 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-def _task_file(task: str, n: int, tmp: Path) -> Path:
-    """The JSONL to evaluate: ``task`` itself, or a generated eval split of one or every family."""
-    from nvila.data.synthetic import FAMILIES, generate_eval_split
+def _task_file(task: str, n: int, tmp: Path, preset: str = "small", seed: int | None = None) -> Path:
+    """The JSONL to evaluate: ``task`` itself, or a generated eval split of one or every family
+    (``preset`` sizes; each family's eval seed unless ``seed`` is given)."""
+    from nvila.data.synthetic import FAMILIES, SIZE_PRESETS, generate, get_family, preset_options
 
     if Path(task).is_file():
         return Path(task)
@@ -47,8 +54,11 @@ def _task_file(task: str, n: int, tmp: Path) -> Path:
         raise ValueError(f"--task {task!r} is neither a file nor a task family; families: all, {', '.join(FAMILIES)}")
     if n < 1:
         raise ValueError(f"--eval-size must be >= 1, got {n}")
+    if preset not in SIZE_PRESETS:
+        raise ValueError(f"--preset {preset!r} is not valid; choose one of {', '.join(SIZE_PRESETS)}")
     names = list(FAMILIES) if task == "all" else [task]
-    parts = [generate_eval_split(name, n, tmp) for name in names]
+    parts = [generate(name, n, tmp, get_family(name).eval_seed if seed is None else seed,
+                      **preset_options(name, preset)) for name in names]
     if len(parts) == 1:
         return parts[0]
     merged = tmp / "all.jsonl"
@@ -67,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="nvila-eval-") as tmp:
-        path = _task_file(args.task, args.eval_size if args.limit is None else args.limit, Path(tmp))
+        path = _task_file(args.task, args.eval_size if args.limit is None else args.limit, Path(tmp),
+                          args.preset, args.seed)
         generated = path.parent == Path(tmp)
         result = evaluate(args.model, path, None if generated else args.limit, max_new_tokens=args.max_new_tokens,
                           progress=not args.no_progress, max_tiles=args.max_tiles, num_video_frames=args.num_frames,

@@ -1,0 +1,240 @@
+"""The NVILA paper's scale-then-compress ablations in miniature, on SynthVILA (issue 6).
+
+    python benchmarks/ablations.py                       # after recipes/synthvila/train.py (~1 h, 1 thread)
+    python benchmarks/ablations.py --mode smoke --base /tmp/smoke/stage0a_llm/final --run /tmp/abl
+
+Every variant starts from the same shared stage-0 checkpoint of the SynthVILA recipe (ViT after
+dense pre-training, LLM after text pre-training; ``--base``): its ViT and LLM weights are copied into
+a model of the variant's config with a fresh projector (the projector's input width depends on the
+variant). Every variant then trains with the same steps, batch, learning rates and data order:
+
+* Table 1 analogue (image families; ``fine_code`` = fine detail, ``coarse_*`` = coarse):
+  stage P (projector, LR 1e-3) -> stage X -> stage S (projector + LLM, ViT frozen), where stage X
+  is projector-only for every variant except "3x3 after VEP", whose stage X also trains the ViT
+  (NVILA's visual-encoder pre-training). Variants: low-res single tile 2x2; Dynamic-S2 2x2;
+  Dynamic-S2 3x3 (projector-only); Dynamic-S2 3x3 after VEP.
+* Table 2 analogue (video families): stage P -> stage S, for 4 frames; 16 frames; 16 frames with
+  4x temporal pooling (TSP, the same 36 tokens as 4 frames).
+
+Accuracy is exact match on each family's held-out split (its eval seed). Results: ``<run>/results.json``,
+the Markdown tables printed and written to ``<run>/ablations.md``, and the plot ``<run>/ablations.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RECIPES = HERE.parent / "recipes" / "synthvila"
+
+IMAGE_TRAIN = {"fine_code": 2, "coarse_colour": 1, "coarse_count": 1, "coarse_shape": 1}
+VIDEO_TRAIN = {"video_colour": 1, "video_order": 1, "video_count": 1}
+FINE, COARSE = ("fine_code",), ("coarse_colour", "coarse_count", "coarse_shape")
+VIDEO = tuple(VIDEO_TRAIN)
+
+# name -> (config options, stage X trains the ViT)
+TABLE1 = {
+    "low-res 2x2": (dict(dynamic_s2=False, projector_type="mlp_downsample"), False),
+    "Dynamic-S2 2x2": (dict(dynamic_s2=True, projector_type="mlp_downsample"), False),
+    "Dynamic-S2 3x3 (projector only)": (dict(dynamic_s2=True, projector_type="mlp_downsample_3x3_fix"), False),
+    "Dynamic-S2 3x3 after VEP": (dict(dynamic_s2=True, projector_type="mlp_downsample_3x3_fix"), True),
+}
+TABLE2 = {
+    "4 frames": dict(num_video_frames=4, temporal_pool=1),
+    "16 frames": dict(num_video_frames=16, temporal_pool=1),
+    "16 frames, 4x temporal pooling": dict(num_video_frames=16, temporal_pool=4),
+}
+MODES = {
+    "full": dict(p=150, x=150, s=300, video_p=150, video_s=300, batch=16, eval=100),
+    "smoke": dict(p=2, x=2, s=2, video_p=2, video_s=2, batch=4, eval=2),
+}
+
+
+def variant_checkpoint(base: Path, out: Path, seed: int, **config_options) -> Path:
+    """A model of ``synthvila_config(**config_options)`` with the ViT and LLM of ``base`` and a fresh
+    projector (seeded), saved in the published layout."""
+    import torch
+
+    from nvila.checkpoint import load_tokenizer, save_pretrained
+    from nvila.model import NVILAForConditionalGeneration
+    from nvila.tiny import synthvila_config
+
+    if (out / "config.json").is_file():
+        return out
+    shared = NVILAForConditionalGeneration.from_pretrained(base)
+    tok = load_tokenizer(base / "llm")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = NVILAForConditionalGeneration(synthvila_config(len(tok), **config_options), shared.ids)
+    model.vision_tower.load_state_dict(shared.vision_tower.state_dict())
+    model.llm.load_state_dict(shared.llm.state_dict())
+    return save_pretrained(model, tok, out, metadata={"nvila_weights": "synthvila-ablation"})
+
+
+def tokens_per_image(path: Path) -> int:
+    from nvila.config import NVILAConfig
+    from nvila.processor import num_image_tokens
+
+    cfg = NVILAConfig.from_pretrained(path)
+    return sum(num_image_tokens(cfg, 72, 72))
+
+
+def tokens_per_video(path: Path) -> int:
+    from nvila.config import NVILAConfig
+    from nvila.processor import num_video_tokens
+
+    cfg = NVILAConfig.from_pretrained(path)
+    return num_video_tokens(cfg, cfg.num_video_frames)
+
+
+def train_variant(start: Path, run: Path, data: Path, plan: list[tuple[str, str, dict, int]], *, batch: int,
+                  threads: int, seed: int, progress: bool) -> tuple[Path, float]:
+    """Run (name, recipe, mixture, steps) stages in order; returns the final checkpoint and seconds."""
+    from nvila.train.synthvila import Stage, run_stage
+
+    t = time.perf_counter()
+    ckpt = start
+    for name, recipe, mixture, steps in plan:
+        ckpt = run_stage(Stage(name, RECIPES / recipe, mixture, steps, batch), ckpt, run / name, data,
+                         threads=threads, seed=seed, progress=progress)
+    return ckpt, time.perf_counter() - t
+
+
+def accuracy(result: dict, families: tuple[str, ...]) -> float:
+    fams = result["families"]
+    return sum(fams[f]["correct"] for f in families) / sum(fams[f]["n"] for f in families)
+
+
+def to_markdown(results: dict) -> str:
+    lines = ["Table 1 analogue: image resolution and spatial compression (held-out exact match)", "",
+             "| variant | visual tokens / image | fine detail (fine_code) | coarse (colour, count, shape) |"
+             " train time |", "|---|---:|---:|---:|---:|"]
+    for name, r in results["table1"].items():
+        lines.append(f"| {name} | {r['tokens']} | {r['fine']:.3f} | {r['coarse']:.3f} | {r['train_s'] / 60:.1f} min |")
+    lines += ["", "Table 2 analogue: frames and temporal pooling (held-out exact match)", "",
+              "| variant | visual tokens / video | video_colour | video_order | video_count | all video |"
+              " train time |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results["table2"].items():
+        per = r["per_family"]
+        lines.append(f"| {name} | {r['tokens']} | {per['video_colour']:.3f} | {per['video_order']:.3f} | "
+                     f"{per['video_count']:.3f} | {r['video']:.3f} | {r['train_s'] / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    t1 = results["table1"]
+    names = list(t1)
+    x = range(len(names))
+    a.bar([i - 0.2 for i in x], [t1[n]["fine"] for n in names], 0.4, label="fine detail (fine_code)")
+    a.bar([i + 0.2 for i in x], [t1[n]["coarse"] for n in names], 0.4, label="coarse (colour/count/shape)")
+    a.set_xticks(list(x), [f"{n}\n{t1[n]['tokens']} tok" for n in names], fontsize=7)
+    a.set_ylabel("held-out exact match")
+    a.set_ylim(0, 1)
+    a.set_title("Table 1 analogue: scale, then compress")
+    a.legend(fontsize=7)
+    t2 = results["table2"]
+    names = list(t2)
+    fams = VIDEO
+    for k, fam in enumerate(fams):
+        b.bar([i + (k - 1) * 0.25 for i in range(len(names))], [t2[n]["per_family"][fam] for n in names], 0.25,
+              label=fam)
+    b.set_xticks(list(range(len(names))), [f"{n}\n{t2[n]['tokens']} tok" for n in names], fontsize=7)
+    b.set_ylim(0, 1)
+    b.set_title("Table 2 analogue: more frames, pooled")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, default=Path("runs/synthvila/stage0a_llm/final"),
+                        help="shared stage-0 checkpoint (from recipes/synthvila/train.py)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="SynthVILA train data (default: the data/ directory of the recipe run of --base)")
+    parser.add_argument("--run", type=Path, default=Path("runs/ablations"), help="output directory")
+    parser.add_argument("--mode", choices=sorted(MODES), default="full")
+    parser.add_argument("--tables", default="1,2", help="which tables to run: 1, 2 or 1,2")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    import torch
+
+    from nvila.eval import evaluate
+    from nvila.train.synthvila import eval_splits
+
+    if not (args.base / "config.json").is_file():
+        sys.stderr.write(f"ablations: error: no shared stage-0 checkpoint at {args.base}; run "
+                         f"`python recipes/synthvila/train.py --out runs/synthvila` first (or pass --base)\n")
+        return 2
+    torch.set_num_threads(args.threads)
+    mode = MODES[args.mode]
+    data = args.data or args.base.parents[1] / "data"
+    run = args.run
+    run.mkdir(parents=True, exist_ok=True)
+    results_path = run / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"table1": {}, "table2": {}}
+    results["mode"], results["base"] = args.mode, str(args.base)
+    tables = {t.strip() for t in args.tables.split(",")}
+    kw = dict(batch=mode["batch"], threads=args.threads, seed=args.seed, progress=not args.no_progress)
+
+    if "1" in tables:
+        split = eval_splits(run / "eval-image", mode["eval"], [*FINE, *COARSE])
+        for k, (name, (options, vep)) in enumerate(TABLE1.items()):
+            if name in results["table1"]:
+                continue
+            vdir = run / f"t1-{k}"
+            start = variant_checkpoint(args.base, vdir / "init", args.seed, **options)
+            plan = [("P", "stage1_projector.yaml", IMAGE_TRAIN, mode["p"]),
+                    ("X", "stage2_vep.yaml" if vep else "stage1_projector.yaml", IMAGE_TRAIN, mode["x"]),
+                    ("S", "stage3_pretrain.yaml", IMAGE_TRAIN, mode["s"])]
+            final, secs = train_variant(start, vdir, data, plan, **kw)
+            res = evaluate(final, split, progress=not args.no_progress)
+            results["table1"][name] = {"tokens": tokens_per_image(final), "fine": accuracy(res, FINE),
+                                       "coarse": accuracy(res, COARSE), "train_s": secs,
+                                       "per_family": {f: v["accuracy"] for f, v in res["families"].items()}}
+            results_path.write_text(json.dumps(results, indent=2))
+
+    if "2" in tables:
+        split = eval_splits(run / "eval-video", mode["eval"], list(VIDEO))
+        for k, (name, options) in enumerate(TABLE2.items()):
+            if name in results["table2"]:
+                continue
+            vdir = run / f"t2-{k}"
+            start = variant_checkpoint(args.base, vdir / "init", args.seed, **options)
+            plan = [("P", "stage1_projector.yaml", VIDEO_TRAIN, mode["video_p"]),
+                    ("S", "stage3_pretrain.yaml", VIDEO_TRAIN, mode["video_s"])]
+            final, secs = train_variant(start, vdir, data, plan, **kw)
+            res = evaluate(final, split, progress=not args.no_progress)
+            results["table2"][name] = {"tokens": tokens_per_video(final), "video": accuracy(res, VIDEO),
+                                       "train_s": secs,
+                                       "per_family": {f: v["accuracy"] for f, v in res["families"].items()}}
+            results_path.write_text(json.dumps(results, indent=2))
+
+    if results["table1"] and results["table2"]:
+        table = to_markdown(results)
+        (run / "ablations.md").write_text(table)
+        plot(results, run / "ablations.png")
+        sys.stdout.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

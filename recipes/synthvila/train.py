@@ -1,0 +1,138 @@
+"""Train the bundled SynthVILA model from random init with our own pipeline.
+
+    python recipes/synthvila/train.py --out runs/synthvila                   # full run (~1 h, 1 thread)
+    python recipes/synthvila/train.py --out runs/synthvila --bundle src/nvila/models/synthvila
+    python recipes/synthvila/train.py --out /tmp/smoke --mode smoke          # CI: same script, ~2 min
+
+The curriculum (spec training.md §7.4-7.5): SynthVILA data at the "small" size preset; a random
+checkpoint of ``nvila.tiny.synthvila_config``; stage 0b dense per-patch pre-training of the ViT;
+stage 0a the LLM on the answer language; then NVILA's stages with ``nvila.train``: 1 projector,
+2 VEP (ViT + projector), 3 projector + LLM, 4 image SFT (all), 5 video SFT (all, image replay).
+Every stage writes ``<out>/<stage>/final`` (the published layout + metrics.jsonl); a re-run skips
+finished stages. The final model is evaluated on every family's held-out split; with ``--bundle``
+the checkpoint, the training log, the eval results and this command are copied there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# mode -> train samples per family, stage-0 steps, stage steps, batch, eval samples per family
+MODES = {
+    "full": dict(image=3000, compare=2000, video=1500, vision_steps=3000, text_steps=300,
+                 steps={"stage1_projector": 400, "stage2_vep": 300, "stage3_pretrain": 300,
+                        "stage4_image_sft": 600, "stage5_video_sft": 400}, batch=16, eval=100),
+    "smoke": dict(image=8, compare=8, video=8, vision_steps=20, text_steps=15,
+                  steps={"stage1_projector": 2, "stage2_vep": 2, "stage3_pretrain": 2,
+                         "stage4_image_sft": 2, "stage5_video_sft": 2}, batch=4, eval=2),
+}
+# stage -> mixture (family -> repeats); "text" is the stage-0a corpus
+ALL = {"fine_code": 1, "coarse_colour": 1, "coarse_count": 1, "coarse_shape": 1, "compare_count": 1,
+       "compare_colour": 1, "video_colour": 1, "video_order": 1, "video_count": 1}
+IMAGES = {k: v for k, v in ALL.items() if not k.startswith("video")}
+MIXTURES = {
+    "stage0a_llm": {"text": 1},
+    "stage1_projector": ALL,
+    "stage2_vep": {**IMAGES, "fine_code": 2},
+    "stage3_pretrain": ALL,
+    "stage4_image_sft": {**IMAGES, "fine_code": 2},
+    "stage5_video_sft": {"video_colour": 2, "video_order": 2, "video_count": 2, **IMAGES},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="run directory (data, stages, eval)")
+    parser.add_argument("--mode", choices=sorted(MODES), default="full", help="full run or the CI smoke version")
+    parser.add_argument("--bundle", type=Path, default=None,
+                        help="copy the final checkpoint, training log and eval results here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    import torch
+
+    from nvila.data.synthetic import FAMILIES
+    from nvila.eval import evaluate, to_markdown
+    from nvila.train.stage0 import pretrain_vision
+    from nvila.train.synthvila import Stage, bundle, eval_splits, init_checkpoint, make_data, run_stage
+
+    torch.set_num_threads(args.threads)
+    mode = MODES[args.mode]
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    sizes = {name: mode["video" if name.startswith("video") else "compare" if name.startswith("compare") else "image"]
+             for name in FAMILIES}
+    t = time.perf_counter()
+    data = make_data(out / "data", sizes, seed=1 + 100 * args.seed)
+    timings["data"] = time.perf_counter() - t
+
+    ckpt = out / "init"
+    if not (ckpt / "config.json").is_file():
+        init_checkpoint(ckpt, seed=args.seed)
+
+    t = time.perf_counter()
+    stage0b = out / "stage0b_vision" / "final"
+    if not (stage0b / "config.json").is_file():
+        stage0b.parent.mkdir(parents=True, exist_ok=True)
+        log = stage0b.parent / "metrics.jsonl"
+        log.unlink(missing_ok=True)
+        pretrain_vision(ckpt, stage0b, steps=mode["vision_steps"], seed=args.seed, progress=not args.no_progress,
+                        eval_every=max(1, min(250, mode["vision_steps"] // 4)), log_path=log)
+        shutil.copy(log, stage0b / "metrics.jsonl")
+    ckpt = stage0b
+    timings["stage0b_vision"] = time.perf_counter() - t
+
+    stages = [Stage("stage0a_llm", HERE / "stage0a_llm.yaml", MIXTURES["stage0a_llm"], mode["text_steps"],
+                    4 * mode["batch"])]
+    stages += [Stage(name, HERE / f"{name}.yaml", MIXTURES[name], steps, mode["batch"])
+               for name, steps in mode["steps"].items()]
+    for stage in stages:
+        t = time.perf_counter()
+        ckpt = run_stage(stage, ckpt, out / stage.name, data, threads=args.threads, seed=args.seed,
+                         progress=not args.no_progress)
+        timings[stage.name] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    split = eval_splits(out / "eval", mode["eval"])
+    result = evaluate(ckpt, split, progress=not args.no_progress)
+    timings["eval"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_start
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    (out / "eval.md").write_text(to_markdown(result))
+    train_log = {"command": command, "mode": args.mode, "threads": args.threads, "seed": args.seed,
+                 "timings_s": {k: round(v, 1) for k, v in timings.items()}, "sizes": sizes,
+                 "stages": {s.name: {"steps": s.steps, "batch": s.batch, "mixture": s.mixture} for s in stages}}
+    (out / "train_log.json").write_text(json.dumps(train_log, indent=2))
+    logging.getLogger("synthvila").info("eval:\n%s", to_markdown(result))
+
+    if args.bundle is not None:
+        dest = bundle(ckpt, args.bundle)
+        with open(dest / "training_log.jsonl", "w", encoding="utf-8") as f:
+            for name in ["stage0b_vision", *(s.name for s in stages)]:
+                for line in (out / name / "final" / "metrics.jsonl").read_text().splitlines():
+                    f.write(json.dumps({"stage": name, **json.loads(line)}) + "\n")
+        shutil.copy(out / "train_log.json", dest / "train_log.json")
+        shutil.copy(out / "eval.json", dest / "eval.json")
+        shutil.copy(out / "eval.md", dest / "eval.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

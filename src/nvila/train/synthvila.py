@@ -1,0 +1,163 @@
+"""Building blocks of the SynthVILA recipe (recipes/synthvila/train.py) and its ablations.
+
+The recipe trains the bundled small NVILA from random init on SynthVILA data with our own trainer:
+stage 0 (dense vision pre-training, ``stage0.py``, and text-only LLM pre-training on the answer
+language), then NVILA's stages 1-5. These helpers write the data, the mixtures and the initial
+checkpoint, run one trainer stage from a recipe YAML, evaluate on held-out splits and copy a
+training checkpoint's published layout into a bundle directory.
+
+Contract: every path is explicit; nothing here chooses step counts or learning rates (the recipe
+script and the ablation benchmark do).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FAMILIES = ("fine_code", "coarse_colour", "coarse_count", "coarse_shape", "compare_count", "compare_colour")
+VIDEO_FAMILIES = ("video_colour", "video_order", "video_count")
+PUBLISHED = ("config.json", "llm", "vision_tower", "mm_projector")
+
+
+def make_data(out_dir: str | os.PathLike, sizes: dict[str, int], *, preset: str = "small", seed: int = 1) -> Path:
+    """Generate train splits (family -> samples) and the text-only corpus under ``out_dir``.
+
+    Each family gets its own seed (``seed + index``), so the image families do not repeat one
+    another's images. A ``done.json`` marker with the arguments makes a repeated call a no-op.
+    """
+    from nvila.data.synthetic import FAMILIES, generate, preset_options
+
+    out = Path(out_dir)
+    marker = out / "done.json"
+    want = {"sizes": sizes, "preset": preset, "seed": seed}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(FAMILIES)
+    for name, n in sizes.items():
+        generate(name, n, out, seed + names.index(name), **preset_options(name, preset))
+    write_text_corpus(out / "text.jsonl", n=4000, seed=seed)
+    marker.write_text(json.dumps(want))
+    return out
+
+
+def write_text_corpus(path: Path, n: int, seed: int) -> Path:
+    """Text-only QA records for stage 0a: every family's question with a random answer of its
+    vocabulary (codes: random digit strings). Teaches the LLM the answer language, not the answers."""
+    from nvila.data.synthetic import ANSWER_VOCAB, FAMILIES, QUESTIONS
+
+    rng = np.random.default_rng([seed, 7])
+    names = list(FAMILIES)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            name = names[i % len(names)]
+            vocab = ANSWER_VOCAB[name]
+            if name == "fine_code":
+                answer = "".join(rng.choice(vocab, size=3).tolist())
+            elif name == "video_order":
+                answer = " ".join(rng.choice(vocab, size=3, replace=False).tolist())
+            else:
+                answer = str(vocab[int(rng.integers(len(vocab)))])
+            f.write(json.dumps({"id": f"text-{i}", "conversations": [
+                {"from": "human", "value": QUESTIONS[name]}, {"from": "gpt", "value": answer}]}) + "\n")
+    return path
+
+
+def write_mixture(path: Path, data_dir: Path, weights: dict[str, int]) -> Path:
+    """A trainer mixture YAML over ``data_dir/<name>.jsonl`` files, ``weights`` = repeat counts."""
+    import yaml
+
+    datasets = [{"name": name, "path": str((data_dir / f"{name}.jsonl").resolve()),
+                 "media_root": str(data_dir.resolve()), "repeat": int(rep)} for name, rep in weights.items() if rep]
+    path.write_text(yaml.safe_dump({"datasets": datasets}, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def init_checkpoint(out_dir: str | os.PathLike, *, seed: int = 0, **config_options) -> Path:
+    """A randomly initialised SynthVILA checkpoint (``nvila.tiny.synthvila_config``) in the published
+    layout, with the synthetic-language tokenizer."""
+    import torch
+
+    from nvila.checkpoint import CHAT_TEMPLATES, save_pretrained, token_ids
+    from nvila.data.synthetic import build_synth_tokenizer
+    from nvila.model import NVILAForConditionalGeneration
+    from nvila.tiny import synthvila_config
+
+    tok = build_synth_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = NVILAForConditionalGeneration(synthvila_config(len(tok), **config_options),
+                                              token_ids(tok, CHAT_TEMPLATES["qwen2"]))
+    return save_pretrained(model, tok, out_dir, metadata={"nvila_weights": "random"})
+
+
+@dataclass
+class Stage:
+    """One trainer stage: a recipe YAML and what the recipe script fills in."""
+
+    name: str
+    recipe: Path
+    mixture: dict[str, int]
+    steps: int
+    batch: int = 16
+
+
+def run_stage(stage: Stage, start: Path, out_dir: Path, data_dir: Path, *, threads: int | None = None,
+              seed: int = 0, progress: bool = True, overrides: list[str] = ()) -> Path:
+    """Train one stage from ``start`` into ``out_dir``; returns the final checkpoint directory.
+
+    A stage whose ``out_dir/final`` exists is skipped (the recipe can be re-run after a stop).
+    """
+    from .config import load_config
+    from .trainer import train
+
+    final = out_dir / "final"
+    if (final / "config.json").is_file():
+        logger.info("stage %s: already done (%s)", stage.name, final)
+        return final
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mixture = write_mixture(out_dir / "mixture.yaml", data_dir, stage.mixture)
+    cfg = load_config(stage.recipe, [
+        f"model.path={start}", f"data.mixture={mixture}", f"run.output_dir={out_dir}", f"run.seed={seed}",
+        f"optim.max_steps={stage.steps}", f"optim.global_batch_size={stage.batch}",
+        f"run.save_every={stage.steps}", "run.keep_last=1", f"run.progress={str(progress).lower()}",
+        *([f"run.threads={threads}"] if threads else []), *overrides])
+    last = train(cfg)
+    bundle(last, final)
+    shutil.copy(out_dir / "metrics.jsonl", final / "metrics.jsonl")
+    return final
+
+
+def bundle(checkpoint: Path, dest: Path) -> Path:
+    """Copy the published layout of a training checkpoint (no trainer state) to ``dest``."""
+    tmp = dest.parent / f".tmp-{dest.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in PUBLISHED:
+        src = checkpoint / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp / name)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def eval_splits(out_dir: str | os.PathLike, n: int, families=None, *, preset: str = "small",
+                seed: int | None = None) -> Path:
+    """Held-out splits (each family's eval seed unless ``seed``) merged into ``out_dir/eval.jsonl``."""
+    from nvila.data.synthetic import FAMILIES, generate, get_family, preset_options
+
+    out = Path(out_dir)
+    parts = [generate(name, n, out, get_family(name).eval_seed if seed is None else seed,
+                      **preset_options(name, preset)) for name in (families or list(FAMILIES))]
+    merged = out / "eval.jsonl"
+    merged.write_text("".join(p.read_text(encoding="utf-8") for p in parts), encoding="utf-8")
+    return merged

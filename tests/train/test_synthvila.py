@@ -1,0 +1,96 @@
+"""The SynthVILA recipe script (recipes/synthvila/train.py) in its CI smoke mode, the stage-0 vision
+pre-training, and the ablation benchmark's smoke mode on the recipe's shared stage-0 checkpoint."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from nvila.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ["stage0a_llm", "stage1_projector", "stage2_vep", "stage3_pretrain", "stage4_image_sft",
+          "stage5_video_sft"]
+
+
+def _run_script(path: Path, argv: list[str]) -> int:
+    old = sys.argv
+    sys.argv = [str(path), *argv]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            runpy.run_path(str(path), run_name="__main__")
+    finally:
+        sys.argv = old
+    return exc.value.code
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthvila")
+    out, bundle = root / "run", root / "bundle"
+    code = _run_script(REPO / "recipes" / "synthvila" / "train.py",
+                       ["--out", str(out), "--mode", "smoke", "--bundle", str(bundle), "--no-progress"])
+    assert code == 0
+    return out, bundle
+
+
+def _losses(path: Path, key: str = "loss") -> list[float]:
+    return [json.loads(line)[key] for line in path.read_text().splitlines()]
+
+
+def test_recipe_runs_every_stage_and_the_losses_fall(smoke_run):
+    out, _ = smoke_run
+    vision = _losses(out / "stage0b_vision" / "final" / "metrics.jsonl")
+    assert vision[-1] < vision[0]
+    text = _losses(out / "stage0a_llm" / "final" / "metrics.jsonl")
+    assert sum(text[-3:]) < sum(text[:3])
+    for stage in STAGES:
+        final = out / stage / "final"
+        assert (final / "config.json").is_file() and not (final / "trainer").exists()
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["mode"] == "smoke" and "--mode smoke" in log["command"]
+    assert set(log["stages"]) == set(STAGES)
+
+
+def test_bundle_has_the_published_layout_log_and_eval(smoke_run, tmp_path, capsys):
+    _, bundle = smoke_run
+    for name in ("config.json", "llm", "vision_tower", "mm_projector", "training_log.jsonl", "train_log.json",
+                 "eval.json", "eval.md"):
+        assert (bundle / name).exists(), name
+    stages = {json.loads(line)["stage"] for line in (bundle / "training_log.jsonl").read_text().splitlines()}
+    assert stages == {"stage0b_vision", *STAGES}
+    result = json.loads((bundle / "eval.json").read_text())
+    assert set(result["families"]) == {"fine_code", "coarse_colour", "coarse_count", "coarse_shape", "compare_count",
+                                       "compare_colour", "video_colour", "video_order", "video_count"}
+    from nvila.data.synthetic import generate, preset_options
+
+    generate("coarse_colour", 1, tmp_path, 0, **preset_options("coarse_colour", "small"))
+    media = tmp_path / "coarse_colour" / "0000000.png"
+    assert cli_main(["infer", "--model", str(bundle), "--media", str(media), "--text", "What colour is the largest "
+                     "shape?", "--max-new-tokens", "4"]) == 0
+    assert "81" in capsys.readouterr().out  # Dynamic-S2 over 24/72 px, 2x2: 9 tiles x 9 tokens
+
+
+def test_ablations_smoke_on_the_shared_stage0_checkpoint(smoke_run, tmp_path):
+    out, _ = smoke_run
+    code = _run_script(REPO / "benchmarks" / "ablations.py",
+                       ["--mode", "smoke", "--base", str(out / "stage0a_llm" / "final"), "--run", str(tmp_path),
+                        "--no-progress"])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    tokens1 = {k: v["tokens"] for k, v in results["table1"].items()}
+    assert tokens1 == {"low-res 2x2": 9, "Dynamic-S2 2x2": 81, "Dynamic-S2 3x3 (projector only)": 36,
+                       "Dynamic-S2 3x3 after VEP": 36}
+    tokens2 = {k: v["tokens"] for k, v in results["table2"].items()}
+    assert tokens2 == {"4 frames": 36, "16 frames": 144, "16 frames, 4x temporal pooling": 36}
+    assert (tmp_path / "ablations.png").stat().st_size > 1000
+    assert "Table 2 analogue" in (tmp_path / "ablations.md").read_text()
+
+
+def test_ablations_without_a_base_checkpoint_is_a_clear_error(tmp_path, capsys):
+    code = _run_script(REPO / "benchmarks" / "ablations.py", ["--base", str(tmp_path / "nope"), "--run",
+                                                               str(tmp_path / "r")])
+    assert code == 2
+    assert "no shared stage-0 checkpoint" in capsys.readouterr().err
