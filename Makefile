@@ -1,6 +1,6 @@
 # nvila developer entry points.
-#   make demo      set up .venv (if needed) and run the demo on the bundled default model
-#   make test      set up .venv (if needed) and run the default test suite (no slow tests)
+#   make demo      set up .venv with the package alone (if needed) and run the demo on the bundled model
+#   make test      set up .venv with every extra (if needed) and run the default test suite (no slow tests)
 #   make test-all  same, including tests marked slow
 #   make bench     run every benchmarks/bench_*.py
 #   make clean     remove build/test caches;  make distclean  also removes .venv and outputs
@@ -12,7 +12,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-STAMP  := $(VENV)/.stamp
+# One stamp per install: the package alone (what `make demo` needs: frame-directory videos need no
+# PyAV), or the package with EXTRAS (`make test`), which includes the former.
+STAMP_CORE := $(VENV)/.stamp-core
+STAMP_FULL := $(VENV)/.stamp-full
 # CPU wheel of this version lies on the dev/CI machines' disk. Installed before the project so
 # that the project's plain `torch>=...` requirement is already satisfied and pip never resolves
 # (and downloads) a multi-GB CUDA build.
@@ -28,11 +31,13 @@ quiet_pip = $(PIP) install -q $(1) 2>$(VENV)/.pip-stderr; rc=$$?; \
 	rm -f $(VENV)/.pip-stderr; [ $$rc -eq 0 ]
 
 .DEFAULT_GOAL := test
-.PHONY: venv test test-all demo bench clean distclean
+.PHONY: venv venv-core test test-all demo bench clean distclean
 
-venv: $(STAMP)
+venv: $(STAMP_FULL)
+venv-core: $(STAMP_CORE)
 
-$(STAMP): pyproject.toml
+# $(1): the pip requirement for the project, e.g. -e . or -e '.[dev,video]'.
+define install_venv
 	@if ! $(PY) -c 'import sys' >/dev/null 2>&1; then \
 		echo "creating $(VENV) with $(PYTHON)"; \
 		$(PYTHON) -m venv --clear $(VENV); \
@@ -41,9 +46,17 @@ $(STAMP): pyproject.toml
 		echo "installing torch==$(TORCH_VERSION)"; \
 		$(call quiet_pip,torch==$(TORCH_VERSION)); \
 	fi
-	@echo "installing nvila (editable, extras: $(EXTRAS))"
-	@$(call quiet_pip,-e '.[$(EXTRAS)]')
+	@echo "installing nvila (editable: $(1))"
+	@$(call quiet_pip,$(1))
+endef
+
+$(STAMP_CORE): pyproject.toml
+	$(call install_venv,-e .)
 	@touch $@
+
+$(STAMP_FULL): pyproject.toml
+	$(call install_venv,-e '.[$(EXTRAS)]')
+	@touch $@ $(STAMP_CORE)
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -51,7 +64,7 @@ test: venv
 test-all: venv
 	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
 
-demo: venv
+demo: venv-core
 	$(PY) -m nvila.demo $(ARGS)
 
 bench: venv

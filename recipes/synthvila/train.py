@@ -7,7 +7,10 @@
 The curriculum (spec training.md §7.4-7.5): SynthVILA data at the "small" size preset; a random
 checkpoint of ``nvila.tiny.synthvila_config``; stage 0b dense per-patch pre-training of the ViT;
 stage 0a the LLM on the answer language; then NVILA's stages with ``nvila.train``: 1 projector,
-2 VEP (ViT + projector), 3 projector + LLM, 4 image SFT (all), 5 video SFT (all, image replay).
+2 projector + LLM, 3 VEP (ViT + projector), 4 image SFT (all), 5 video SFT (all, image replay).
+VEP comes after the projector + LLM stage here: a tiny text-only LLM that stays frozen never
+learns to read visual tokens (measured: stage 1 and VEP with a frozen LLM stayed at the chance
+loss), so it must learn to read first.
 Every stage writes ``<out>/<stage>/final`` (the published layout + metrics.jsonl); a re-run skips
 finished stages. The final model is evaluated on every family's held-out split; with ``--bundle``
 the checkpoint, the training log, the eval results and this command are copied there.
@@ -29,10 +32,10 @@ HERE = Path(__file__).resolve().parent
 # mode -> train samples per family, stage-0 steps, stage steps, batch, eval samples per family
 MODES = {
     "full": dict(image=3000, compare=2000, video=1500, vision_steps=3000, text_steps=300,
-                 steps={"stage1_projector": 400, "stage2_vep": 300, "stage3_pretrain": 300,
+                 steps={"stage1_projector": 400, "stage2_llm": 500, "stage3_vep": 300,
                         "stage4_image_sft": 600, "stage5_video_sft": 400}, batch=16, eval=100),
     "smoke": dict(image=8, compare=8, video=8, vision_steps=20, text_steps=15,
-                  steps={"stage1_projector": 2, "stage2_vep": 2, "stage3_pretrain": 2,
+                  steps={"stage1_projector": 2, "stage2_llm": 2, "stage3_vep": 2,
                          "stage4_image_sft": 2, "stage5_video_sft": 2}, batch=4, eval=2),
 }
 # stage -> mixture (family -> repeats); "text" is the stage-0a corpus
@@ -42,8 +45,8 @@ IMAGES = {k: v for k, v in ALL.items() if not k.startswith("video")}
 MIXTURES = {
     "stage0a_llm": {"text": 1},
     "stage1_projector": ALL,
-    "stage2_vep": {**IMAGES, "fine_code": 2},
-    "stage3_pretrain": ALL,
+    "stage2_llm": ALL,
+    "stage3_vep": {**IMAGES, "fine_code": 2},
     "stage4_image_sft": {**IMAGES, "fine_code": 2},
     "stage5_video_sft": {"video_colour": 2, "video_order": 2, "video_count": 2, **IMAGES},
 }

@@ -9,6 +9,9 @@ returns the exit code:
   stderr, nothing on stdout, no traceback (``-vv`` logs the traceback at debug level);
 * 130 on Ctrl-C.
 
+A subcommand whose ``--model`` defaults to None (``infer``, ``serve``, ``eval``) runs on the bundled
+SynthVILA checkpoint (``nvila.bundled.default_model_path``) when the flag is left out.
+
 Logs go to stderr through ``logging``: ``-v`` info, ``-vv`` debug; by default warnings only, held
 until the command ends and dropped on bad input. This module knows flags, output formats and
 timings; the token accounting comes from the processor and the model does the rest.
@@ -33,6 +36,7 @@ import torch
 
 from . import __version__, tiling
 from .argtypes import float_in, int_at_least
+from .bundled import default_model_path
 from .checkpoint import CheckpointError, check_layout, load_tokenizer, resolve_chat_template, token_ids
 from .config import ConfigError, NVILAConfig
 from .eval import cli as eval_cli
@@ -94,8 +98,9 @@ def _device(text: str) -> torch.device:
 
 # ----------------------------------------------------------------------------------------- infer
 def _infer_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, metavar="PATH",
-                   help="checkpoint directory in the published layout (config.json, llm/, vision_tower/, mm_projector/)")
+    p.add_argument("--model", metavar="PATH",
+                   help="checkpoint directory in the published layout (config.json, llm/, vision_tower/, "
+                        "mm_projector/); default: the bundled SynthVILA model")
     p.add_argument("--media", nargs="+", default=[], metavar="F",
                    help="images and videos, placed before the text in this order. A directory is a video "
                         f"(its files are the frames, in name order); {', '.join(sorted(VIDEO_SUFFIXES))} are "
@@ -133,7 +138,7 @@ def _infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the human report")
 
 
-def _media_part(spec: str) -> dict[str, str]:
+def media_part(spec: str) -> dict[str, str]:
     """A ``--media`` value -> a message content part, with the kind decided as ``--help`` says."""
     for kind in ("image", "video"):
         if spec.startswith(kind + ":"):
@@ -202,7 +207,7 @@ def run_infer(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     if not args.do_sample and (args.temperature != 1.0 or args.top_p != 1.0 or args.top_k or args.seed is not None):
         logger.warning("--temperature/--top-p/--top-k/--seed only apply with --do-sample; decoding greedily")
-    parts = [_media_part(m) for m in args.media]
+    parts = [media_part(m) for m in args.media]
     messages = []
     if args.system is not None:
         messages.append({"role": "system", "content": args.system})
@@ -222,36 +227,51 @@ def run_infer(args: argparse.Namespace) -> int:
     logger.info("loaded %s (%s, %s) in %.2f s", args.model, args.dtype, device, t3 - t2 + t1 - t0)
     inputs = inputs.to(model.device)
     t4 = time.perf_counter()
+    result = generate_report(model, processor, inputs, infos[0], parts, max_new_tokens=args.max_new_tokens,
+                             do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed)
+    report = {"model": str(args.model), "dtype": args.dtype, "device": str(model.device), **result}
+    report["timings"] = {"model_load_s": (t1 - t0) + (t3 - t2), "preprocess_s": (t2 - t1) + (t4 - t3),
+                         **result["timings"]}
+    _write(json.dumps(report, ensure_ascii=False) if args.json else _format_infer(report))
+    return 0
 
+
+def generate_report(model: NVILAForConditionalGeneration, processor: NVILAProcessor, inputs, infos: list[MediumInfo],
+                    parts: list[dict], **generate_kwargs) -> dict[str, Any]:
+    """Answer one prepared prompt and describe the run, as ``nvila infer`` reports it.
+
+    Args:
+        model, processor: a loaded checkpoint.
+        inputs: ``processor.prepare`` output for one conversation, already on ``model.device``.
+        infos: that conversation's ``MediumInfo`` list.
+        parts: the user's media parts (``media_part``), one per medium the user gave.
+        **generate_kwargs: ``model.generate`` options (``max_new_tokens``, ``do_sample``, ...).
+    Returns:
+        ``{"answer", "finish_reason", "prompt_tokens", "new_tokens", "media": [one row per part],
+        "timings": {"time_to_first_token_s", "decode_tokens_per_s", "generate_s"}}``.
+    """
     sync = torch.cuda.synchronize if model.device.type == "cuda" else None
     clock = _Clock(sync)
-    ids = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                         streamer=clock)
-    t5 = time.perf_counter()
+    t0 = time.perf_counter()
+    ids = model.generate(**inputs, streamer=clock, **generate_kwargs)
+    t1 = time.perf_counter()
     prompt_len = inputs["input_ids"].shape[1]
     new = ids[0, prompt_len:].tolist()
     ttft = clock.times[0] - clock.start if clock.times else None
     decode_s = clock.times[-1] - clock.times[0] if len(clock.times) > 1 else None
-    report = {
-        "model": str(args.model),
-        "dtype": args.dtype,
-        "device": str(model.device),
+    return {
         "answer": processor.decode(new),
         "finish_reason": "stop" if new and new[-1] in model.ids.stop else "length",
         "prompt_tokens": prompt_len,
         "new_tokens": len(new),
-        "media": [_media_row(g) for g in _group_media(parts, infos[0])],
+        "media": [_media_row(g) for g in _group_media(parts, infos)],
         "timings": {
-            "model_load_s": (t1 - t0) + (t3 - t2),
-            "preprocess_s": (t2 - t1) + (t4 - t3),
             "time_to_first_token_s": ttft,
             "decode_tokens_per_s": (len(clock.times) - 1) / decode_s if decode_s else None,
-            "generate_s": t5 - t4,
+            "generate_s": t1 - t0,
         },
     }
-    _write(json.dumps(report, ensure_ascii=False) if args.json else _format_infer(report))
-    return 0
 
 
 def _table(headers: list[str], rows: list[list[Any]], right: set[int]) -> list[str]:
@@ -262,15 +282,21 @@ def _table(headers: list[str], rows: list[list[Any]], right: set[int]) -> list[s
             for r in cells]
 
 
-def _format_infer(r: dict[str, Any]) -> str:
-    lines = [r["answer"], ""]
+def format_budget(r: dict[str, Any]) -> list[str]:
+    """The token-budget lines of a report: one table row per medium, then the prompt length."""
     rows = [[m["kind"], m["source"], m["tiles"] if m["kind"] == "image" else m["frames"],
              "x".join(map(str, m["block_size"])) if m["block_size"] else None, m["visual_tokens"], m["tokens"]]
             for m in r["media"]]
+    lines = []
     if rows:
         lines += _table(["kind", "file", "tiles/frames", "block", "visual tokens", "tokens"], rows, {2, 4, 5})
     media_tokens = sum(m["tokens"] for m in r["media"])
     lines.append(f"prompt: {r['prompt_tokens']} tokens ({media_tokens} media + {r['prompt_tokens'] - media_tokens} text)")
+    return lines
+
+
+def _format_infer(r: dict[str, Any]) -> str:
+    lines = [r["answer"], "", *format_budget(r)]
     t = r["timings"]
     ttft = f"{t['time_to_first_token_s']:.3f} s (prefill)" if t["time_to_first_token_s"] is not None else None
     rate = f"{t['decode_tokens_per_s']:.1f} tokens/s" if t["decode_tokens_per_s"] is not None else None
@@ -521,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
             return e.code if isinstance(e.code, int) else 0
         with _logging(args.verbose) as held:
             try:
+                if getattr(args, "model", "") is None:  # infer, serve, eval: --model defaults to the bundled model
+                    args.model = str(default_model_path())
                 return args.run(args)
             except BAD_INPUT as e:
                 if held is not None:

@@ -1,5 +1,5 @@
 """The SynthVILA recipe script (recipes/synthvila/train.py) in its CI smoke mode, the stage-0 vision
-pre-training, and the ablation benchmark's smoke mode on the recipe's shared stage-0 checkpoint."""
+pre-training, and the ablation benchmark's smoke mode on the recipe's shared stage-2 checkpoint."""
 
 import json
 import runpy
@@ -11,7 +11,7 @@ import pytest
 from nvila.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["stage0a_llm", "stage1_projector", "stage2_vep", "stage3_pretrain", "stage4_image_sft",
+STAGES = ["stage0a_llm", "stage1_projector", "stage2_llm", "stage3_vep", "stage4_image_sft",
           "stage5_video_sft"]
 
 
@@ -73,10 +73,10 @@ def test_bundle_has_the_published_layout_log_and_eval(smoke_run, tmp_path, capsy
     assert "81" in capsys.readouterr().out  # Dynamic-S2 over 24/72 px, 2x2: 9 tiles x 9 tokens
 
 
-def test_ablations_smoke_on_the_shared_stage0_checkpoint(smoke_run, tmp_path):
+def test_ablations_smoke_on_the_shared_stage2_checkpoint(smoke_run, tmp_path):
     out, _ = smoke_run
     code = _run_script(REPO / "benchmarks" / "ablations.py",
-                       ["--mode", "smoke", "--base", str(out / "stage0a_llm" / "final"), "--run", str(tmp_path),
+                       ["--mode", "smoke", "--base", str(out / "stage2_llm" / "final"), "--run", str(tmp_path),
                         "--no-progress"])
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
@@ -93,4 +93,4 @@ def test_ablations_without_a_base_checkpoint_is_a_clear_error(tmp_path, capsys):
     code = _run_script(REPO / "benchmarks" / "ablations.py", ["--base", str(tmp_path / "nope"), "--run",
                                                                str(tmp_path / "r")])
     assert code == 2
-    assert "no shared stage-0 checkpoint" in capsys.readouterr().err
+    assert "no shared checkpoint" in capsys.readouterr().err

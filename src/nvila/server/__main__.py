@@ -1,4 +1,4 @@
-"""``python -m nvila.server --model PATH ...``: the same as ``nvila serve`` (see cli.py)."""
+"""``python -m nvila.server [--model PATH] ...``: the same as ``nvila serve`` (see cli.py)."""
 
 import argparse
 import logging

@@ -2,6 +2,7 @@
 
 Contract (the ``nvila`` CLI's): ``add_arguments(parser)`` declares the flags and ``run(args)``
 returns the exit code; bad input raises ``ValueError`` / ``OSError`` for the caller to report.
+Without ``--model`` the bundled SynthVILA checkpoint is served (``nvila.bundled``).
 Once the socket is bound, one ready line goes to stderr::
 
     nvila serve: ready on http://127.0.0.1:8000 (model NAME; media: data: URLs; API key off)
@@ -42,7 +43,8 @@ def _port(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Declare the ``serve`` flags on ``p``."""
     d = ServerLimits()
-    p.add_argument("--model", required=True, metavar="PATH", help="checkpoint directory in the published layout")
+    p.add_argument("--model", metavar="PATH",
+                   help="checkpoint directory in the published layout (default: the bundled SynthVILA model)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; 0.0.0.0 exposes it)")
     net.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s; 0 picks a free one)")
@@ -86,10 +88,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
+    from ..bundled import default_model_path
     from ..config import NVILAConfig
     from ..engine import Engine, EngineConfig
     from .app import create_app
 
+    if args.model is None:
+        args.model = str(default_model_path())
     api_key = args.api_key or os.environ.get("NVILA_API_KEY") or None
     ckpt_frames = NVILAConfig.from_pretrained(args.model).num_video_frames
     if args.max_video_frames is not None and args.max_video_frames < ckpt_frames:
