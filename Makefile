@@ -3,6 +3,8 @@
 #   make test      set up .venv with every extra (if needed) and run the default test suite (no slow tests)
 #   make test-all  same, including tests marked slow
 #   make bench     run every benchmarks/bench_*.py
+#   make synthvila retrain the bundled SynthVILA model (recipes/synthvila/train.py, ~1 h on 1 core)
+#   make ablations the scale-then-compress ablations on it (benchmarks/ablations.py, ~40 min)
 #   make clean     remove build/test caches;  make distclean  also removes .venv and outputs
 #
 # Variables: PYTHON (interpreter used to create .venv), PYTEST_ARGS (extra pytest flags,
@@ -31,7 +33,7 @@ quiet_pip = $(PIP) install -q $(1) 2>$(VENV)/.pip-stderr; rc=$$?; \
 	rm -f $(VENV)/.pip-stderr; [ $$rc -eq 0 ]
 
 .DEFAULT_GOAL := test
-.PHONY: venv venv-core test test-all demo bench clean distclean
+.PHONY: venv venv-core test test-all demo bench synthvila ablations clean distclean
 
 venv: $(STAMP_FULL)
 venv-core: $(STAMP_CORE)
@@ -67,6 +69,12 @@ test-all: venv
 demo: venv-core
 	$(PY) -m nvila.demo $(ARGS)
 
+synthvila: venv
+	$(PY) recipes/synthvila/train.py --out runs/synthvila --bundle src/nvila/bundled/synthvila $(ARGS)
+
+ablations: venv
+	$(PY) benchmarks/ablations.py --base runs/synthvila/stage2g_fine/final --run runs/ablations $(ARGS)
+
 bench: venv
 	@found=0; \
 	for f in benchmarks/bench_*.py; do \
@@ -82,4 +90,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) out .demo
+	rm -rf $(VENV) out .demo runs

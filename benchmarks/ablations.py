@@ -1,7 +1,7 @@
 """The NVILA paper's scale-then-compress ablations in miniature, on SynthVILA (issue 6).
 
     python benchmarks/ablations.py                       # after recipes/synthvila/train.py (~1 h, 1 thread)
-    python benchmarks/ablations.py --mode smoke --base /tmp/smoke/stage2_llm/final --run /tmp/abl
+    python benchmarks/ablations.py --mode smoke --base /tmp/smoke/stage2g_fine/final --run /tmp/abl
 
 Every variant starts from the same shared checkpoint of the SynthVILA recipe (``--base``, default its
 stage 2: ViT after dense pre-training, LLM after text pre-training and after learning to read visual
@@ -11,7 +11,7 @@ the variant), so every variant must re-align its projector. Every variant then t
 steps, batch, learning rates and data order:
 
 * Table 1 analogue (image families; ``fine_code`` = fine detail, ``coarse_*`` = coarse):
-  stage P (projector, LR 1e-3) -> stage X -> stage S (projector + LLM at LR 3e-4, ViT frozen), where
+  stage P (projector, LR 1e-3) -> stage X -> stage S (projector + LLM at LR 5e-4, ViT frozen), where
   stage X is projector-only for every variant except "3x3 after VEP", whose stage X also trains the
   ViT (NVILA's visual-encoder pre-training). Variants: low-res single tile 2x2; Dynamic-S2 2x2;
   Dynamic-S2 3x3 (projector-only); Dynamic-S2 3x3 after VEP.
@@ -97,7 +97,7 @@ def tokens_per_video(path: Path) -> int:
     return num_video_tokens(cfg, cfg.num_video_frames)
 
 
-S_LR = ["optim.lr.projector=3e-4", "optim.lr.llm=3e-4"]
+S_LR = ["optim.lr.projector=5e-4", "optim.lr.llm=5e-4"]
 
 
 def train_variant(start: Path, run: Path, data: Path, plan: list[tuple], *, batch: int,
@@ -119,12 +119,25 @@ def accuracy(result: dict, families: tuple[str, ...]) -> float:
     return sum(fams[f]["correct"] for f in families) / sum(fams[f]["n"] for f in families)
 
 
+def digit_accuracy(result: dict, family: str = "fine_code") -> float:
+    """Per-character accuracy of the code answers (position by position; a missing character is
+    wrong): a finer read-out than exact match, chance 0.1 per digit."""
+    hits = total = 0
+    for s in result["samples"]:
+        if s["family"] == family:
+            answer, pred = s["answer"].strip(), s["prediction"].strip()
+            hits += sum(a == b for a, b in zip(answer, pred))
+            total += len(answer)
+    return hits / max(total, 1)
+
+
 def to_markdown(results: dict) -> str:
     lines = ["Table 1 analogue: image resolution and spatial compression (held-out exact match)", "",
-             "| variant | visual tokens / image | fine detail (fine_code) | coarse (colour, count, shape) |"
-             " train time |", "|---|---:|---:|---:|---:|"]
+             "| variant | visual tokens / image | fine detail (fine_code) | fine_code per digit |"
+             " coarse (colour, count, shape) | train time |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in results["table1"].items():
-        lines.append(f"| {name} | {r['tokens']} | {r['fine']:.3f} | {r['coarse']:.3f} | {r['train_s'] / 60:.1f} min |")
+        lines.append(f"| {name} | {r['tokens']} | {r['fine']:.3f} | {r['fine_digits']:.3f} | {r['coarse']:.3f} | "
+                     f"{r['train_s'] / 60:.1f} min |")
     lines += ["", "Table 2 analogue: frames and temporal pooling (held-out exact match)", "",
               "| variant | visual tokens / video | video_colour | video_order | video_count | all video |"
               " train time |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -145,8 +158,9 @@ def plot(results: dict, path: Path) -> Path:
     t1 = results["table1"]
     names = list(t1)
     x = range(len(names))
-    a.bar([i - 0.2 for i in x], [t1[n]["fine"] for n in names], 0.4, label="fine detail (fine_code)")
-    a.bar([i + 0.2 for i in x], [t1[n]["coarse"] for n in names], 0.4, label="coarse (colour/count/shape)")
+    a.bar([i - 0.27 for i in x], [t1[n]["fine"] for n in names], 0.27, label="fine_code exact")
+    a.bar(list(x), [t1[n]["fine_digits"] for n in names], 0.27, label="fine_code per digit")
+    a.bar([i + 0.27 for i in x], [t1[n]["coarse"] for n in names], 0.27, label="coarse (colour/count/shape)")
     a.set_xticks(list(x), [f"{n}\n{t1[n]['tokens']} tok" for n in names], fontsize=7)
     a.set_ylabel("held-out exact match")
     a.set_ylim(0, 1)
@@ -171,8 +185,8 @@ def plot(results: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=Path("runs/synthvila/stage2_llm/final"),
-                        help="shared checkpoint (default: stage 2 of recipes/synthvila/train.py --out runs/synthvila)")
+    parser.add_argument("--base", type=Path, default=Path("runs/synthvila/stage2g_fine/final"),
+                        help="shared checkpoint (default: the end of stage 2, 2g, of recipes/synthvila/train.py --out runs/synthvila)")
     parser.add_argument("--data", type=Path, default=None,
                         help="SynthVILA train data (default: the data/ directory of the recipe run of --base)")
     parser.add_argument("--run", type=Path, default=Path("runs/ablations"), help="output directory")
@@ -217,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             final, secs = train_variant(start, vdir, data, plan, **kw)
             res = evaluate(final, split, progress=not args.no_progress)
             results["table1"][name] = {"tokens": tokens_per_image(final), "fine": accuracy(res, FINE),
+                                       "fine_digits": digit_accuracy(res),
                                        "coarse": accuracy(res, COARSE), "train_s": secs,
                                        "per_family": {f: v["accuracy"] for f, v in res["families"].items()}}
             results_path.write_text(json.dumps(results, indent=2))

@@ -11,8 +11,8 @@ import pytest
 from nvila.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ["stage0a_llm", "stage1_projector", "stage2_llm", "stage3_vep", "stage4_image_sft",
-          "stage5_video_sft"]
+RECIPE = runpy.run_path(str(REPO / "recipes" / "synthvila" / "train.py"))
+STAGES = ["stage0a_llm", *RECIPE["MODES"]["smoke"]["steps"]]
 
 
 def _run_script(path: Path, argv: list[str]) -> int:
@@ -46,6 +46,7 @@ def test_recipe_runs_every_stage_and_the_losses_fall(smoke_run):
     assert vision[-1] < vision[0]
     text = _losses(out / "stage0a_llm" / "final" / "metrics.jsonl")
     assert sum(text[-3:]) < sum(text[:3])
+    assert list(RECIPE["MODES"]["smoke"]["steps"]) == list(RECIPE["MODES"]["full"]["steps"])  # same stages
     for stage in STAGES:
         final = out / stage / "final"
         assert (final / "config.json").is_file() and not (final / "trainer").exists()
@@ -76,7 +77,7 @@ def test_bundle_has_the_published_layout_log_and_eval(smoke_run, tmp_path, capsy
 def test_ablations_smoke_on_the_shared_stage2_checkpoint(smoke_run, tmp_path):
     out, _ = smoke_run
     code = _run_script(REPO / "benchmarks" / "ablations.py",
-                       ["--mode", "smoke", "--base", str(out / "stage2_llm" / "final"), "--run", str(tmp_path),
+                       ["--mode", "smoke", "--base", str(out / "stage2g_fine" / "final"), "--run", str(tmp_path),
                         "--no-progress"])
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
