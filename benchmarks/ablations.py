@@ -1,7 +1,7 @@
 """The NVILA paper's scale-then-compress ablations in miniature, on SynthVILA (issue 6).
 
     python benchmarks/ablations.py                       # after recipes/synthvila/train.py (~1 h, 1 thread)
-    python benchmarks/ablations.py --mode smoke --base /tmp/smoke/stage2g_fine/final --run /tmp/abl
+    python benchmarks/ablations.py --mode smoke --base /tmp/smoke/stage2j_joint/final --run /tmp/abl
 
 Every variant starts from the same shared checkpoint of the SynthVILA recipe (``--base``, default its
 stage 2: ViT after dense pre-training, LLM after text pre-training and after learning to read visual
@@ -185,8 +185,8 @@ def plot(results: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=Path("runs/synthvila/stage2g_fine/final"),
-                        help="shared checkpoint (default: the end of stage 2, 2g, of recipes/synthvila/train.py --out runs/synthvila)")
+    parser.add_argument("--base", type=Path, default=Path("runs/synthvila/stage2j_joint/final"),
+                        help="shared checkpoint (default: the end of stage 2, 2j, of recipes/synthvila/train.py --out runs/synthvila)")
     parser.add_argument("--data", type=Path, default=None,
                         help="SynthVILA train data (default: the data/ directory of the recipe run of --base)")
     parser.add_argument("--run", type=Path, default=Path("runs/ablations"), help="output directory")
@@ -210,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     mode = MODES[args.mode]
     data = args.data or args.base.parents[1] / "data"
+    if not (data / "done.json").is_file():
+        sys.stderr.write(f"ablations: error: no SynthVILA train data at {data} (pass --data: the data/ directory "
+                         f"of a recipes/synthvila/train.py run)\n")
+        return 2
     run = args.run
     run.mkdir(parents=True, exist_ok=True)
     results_path = run / "results.json"

@@ -14,12 +14,20 @@ cross-entropy (label -100 is ignored). Nothing here knows file formats or the LL
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
 from nvila.data.synthetic import COLOURS, SHAPES
+
+logger = logging.getLogger(__name__)
 
 # label kind -> number of classes (0 is "none")
 LABEL_KINDS: dict[str, int] = {"glyph": 11, "colour": 1 + len(COLOURS), "shape": 1 + len(SHAPES)}
@@ -173,18 +181,11 @@ def pretrain_vision(model_path, out_dir, *, steps: int, scenes: int = 8, frames:
     Returns:
         The final held-out accuracies (``dense_accuracy``).
     """
-    import json
-    import logging
-    import math
-    import time
-    from pathlib import Path
-
     from tqdm import tqdm
 
     from nvila.checkpoint import load_tokenizer, save_pretrained
     from nvila.model import NVILAForConditionalGeneration
 
-    log = logging.getLogger(__name__)
     torch.manual_seed(seed)
     model = NVILAForConditionalGeneration.from_pretrained(model_path, device=device)
     tower = model.vision_tower.train()
@@ -217,7 +218,7 @@ def pretrain_vision(model_path, out_dir, *, steps: int, scenes: int = 8, frames:
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             acc = held_out()
             record = {"step": step + 1, "loss": float(loss), "elapsed_s": time.perf_counter() - t0, **acc}
-            log.info("stage 0b step %d: %s", step + 1, record)
+            logger.info("stage 0b step %d: %s", step + 1, record)
             if log_path is not None:
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
