@@ -73,7 +73,7 @@ synthvila: venv
 	$(PY) recipes/synthvila/train.py --out runs/synthvila --bundle src/nvila/bundled/synthvila $(ARGS)
 
 ablations: venv
-	$(PY) benchmarks/ablations.py --base runs/synthvila/stage2j_joint/final --run runs/ablations $(ARGS)
+	$(PY) benchmarks/ablations.py --base runs/synthvila/stage2g_fine/final --run runs/ablations $(ARGS)
 
 bench: venv
 	@found=0; \

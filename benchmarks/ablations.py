@@ -1,7 +1,7 @@
 """The NVILA paper's scale-then-compress ablations in miniature, on SynthVILA (issue 6).
 
     python benchmarks/ablations.py                       # after recipes/synthvila/train.py (~1 h, 1 thread)
-    python benchmarks/ablations.py --mode smoke --base /tmp/smoke/stage2j_joint/final --run /tmp/abl
+    python benchmarks/ablations.py --mode smoke --base /tmp/smoke/stage2g_fine/final --run /tmp/abl
 
 Every variant starts from the same shared checkpoint of the SynthVILA recipe (``--base``, default its
 stage 2: ViT after dense pre-training, LLM after text pre-training and after learning to read visual
@@ -31,6 +31,7 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -161,7 +162,7 @@ def plot(results: dict, path: Path) -> Path:
     a.bar([i - 0.27 for i in x], [t1[n]["fine"] for n in names], 0.27, label="fine_code exact")
     a.bar(list(x), [t1[n]["fine_digits"] for n in names], 0.27, label="fine_code per digit")
     a.bar([i + 0.27 for i in x], [t1[n]["coarse"] for n in names], 0.27, label="coarse (colour/count/shape)")
-    a.set_xticks(list(x), [f"{n}\n{t1[n]['tokens']} tok" for n in names], fontsize=7)
+    a.set_xticks(list(x), [f"{textwrap.fill(n, 16)}\n{t1[n]['tokens']} tok" for n in names], fontsize=7)
     a.set_ylabel("held-out exact match")
     a.set_ylim(0, 1)
     a.set_title("Table 1 analogue: scale, then compress")
@@ -172,7 +173,8 @@ def plot(results: dict, path: Path) -> Path:
     for k, fam in enumerate(fams):
         b.bar([i + (k - 1) * 0.25 for i in range(len(names))], [t2[n]["per_family"][fam] for n in names], 0.25,
               label=fam)
-    b.set_xticks(list(range(len(names))), [f"{n}\n{t2[n]['tokens']} tok" for n in names], fontsize=7)
+    b.set_xticks(list(range(len(names))), [f"{textwrap.fill(n, 16)}\n{t2[n]['tokens']} tok" for n in names],
+                 fontsize=7)
     b.set_ylim(0, 1)
     b.set_title("Table 2 analogue: more frames, pooled")
     b.legend(fontsize=7)
@@ -185,8 +187,8 @@ def plot(results: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=Path("runs/synthvila/stage2j_joint/final"),
-                        help="shared checkpoint (default: the end of stage 2, 2j, of recipes/synthvila/train.py --out runs/synthvila)")
+    parser.add_argument("--base", type=Path, default=Path("runs/synthvila/stage2g_fine/final"),
+                        help="shared checkpoint (default: the end of stage 2, 2g, of recipes/synthvila/train.py --out runs/synthvila)")
     parser.add_argument("--data", type=Path, default=None,
                         help="SynthVILA train data (default: the data/ directory of the recipe run of --base)")
     parser.add_argument("--run", type=Path, default=Path("runs/ablations"), help="output directory")

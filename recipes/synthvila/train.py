@@ -10,9 +10,11 @@ stage 0a the LLM on the answer language; then NVILA's stages with ``nvila.train`
 2 projector + LLM, 3 VEP (ViT + projector), 4 image SFT (all), 5 video SFT (all, image replay).
 VEP comes after the projector + LLM stage here: a tiny text-only LLM that stays frozen never
 learns to read visual tokens (measured: stage 1 and VEP with a frozen LLM stayed at the chance
-loss), so it must learn to read first. Stage 2 is a curriculum: one family at a time at LR 1e-3
-(2a-2i), then all families together (2j): on a mixture the model stayed near the chance loss for
-hundreds of steps, while the colour families alone left the plateau within ~50-75 steps.
+loss), so it must learn to read first. Stage 2 is a curriculum, one family group at a time with
+replay (2a colour, 2b shape, 2c count, 2d comparisons, 2e video colour, 2f video count/order, 2g
+the code): on all nine families at once it stayed near the chance loss for 500 steps, while the
+colour family alone left the plateau within ~50 steps. (One family at a time without replay, at LR
+1e-3, then all families together, was measured too and ended worse: it forgot the colour family.)
 Every stage writes ``<out>/<stage>/final`` (the published layout + metrics.jsonl); a re-run skips
 finished stages. The final model is evaluated on every family's held-out split; with ``--bundle``
 the checkpoint, the training log, the eval results and this command are copied there.
@@ -34,37 +36,44 @@ HERE = Path(__file__).resolve().parent
 # mode -> train samples per family, stage-0 steps, stage steps, batch, eval samples per family
 MODES = {
     "full": dict(image=3000, compare=2000, video=1500, vision_steps=3000, text_steps=300,
-                 steps={"stage1_projector": 400, "stage2a_colour": 150, "stage2b_shape": 120, "stage2c_count": 120,
-                        "stage2d_compare_colour": 120, "stage2e_compare_count": 120, "stage2f_video_colour": 120,
-                        "stage2g_video_count": 120, "stage2h_video_order": 120, "stage2i_fine": 200,
-                        "stage2j_joint": 600, "stage3_vep": 200, "stage4_image_sft": 400, "stage5_video_sft": 300},
+                 steps={"stage1_projector": 400, "stage2a_colour": 150, "stage2b_shape": 150, "stage2c_count": 150,
+                        "stage2d_compare": 150, "stage2e_video_colour": 150, "stage2f_video_events": 200,
+                        "stage2g_fine": 200, "stage3_vep": 300, "stage4_image_sft": 600, "stage5_video_sft": 300},
                  batch=16, eval=100),
     "smoke": dict(image=8, compare=8, video=8, vision_steps=20, text_steps=15,
                   steps={"stage1_projector": 2, "stage2a_colour": 2, "stage2b_shape": 2, "stage2c_count": 2,
-                         "stage2d_compare_colour": 2, "stage2e_compare_count": 2, "stage2f_video_colour": 2,
-                         "stage2g_video_count": 2, "stage2h_video_order": 2, "stage2i_fine": 2,
-                         "stage2j_joint": 2, "stage3_vep": 2, "stage4_image_sft": 2, "stage5_video_sft": 2},
+                         "stage2d_compare": 2, "stage2e_video_colour": 2, "stage2f_video_events": 2,
+                         "stage2g_fine": 2, "stage3_vep": 2, "stage4_image_sft": 2, "stage5_video_sft": 2},
                   batch=4, eval=2),
 }
 # stage -> mixture (family -> repeats); "text" is the stage-0a corpus
 ALL = {"fine_code": 1, "coarse_colour": 1, "coarse_count": 1, "coarse_shape": 1, "compare_count": 1,
        "compare_colour": 1, "video_colour": 1, "video_order": 1, "video_count": 1}
 IMAGES = {k: v for k, v in ALL.items() if not k.startswith("video")}
-# Stage 2: one sub-stage per family (2a-2i) at LR 1e-3, each from the previous one, then all families
-# together (2j). Measured (README, SynthVILA): on a mixture of families the LLM stayed at the chance
-# loss for hundreds of steps, while a family alone left the plateau within ~50-75 steps.
-_FAMILY_STAGES = [("stage2a_colour", "coarse_colour"), ("stage2b_shape", "coarse_shape"),
-                  ("stage2c_count", "coarse_count"), ("stage2d_compare_colour", "compare_colour"),
-                  ("stage2e_compare_count", "compare_count"), ("stage2f_video_colour", "video_colour"),
-                  ("stage2g_video_count", "video_count"), ("stage2h_video_order", "video_order"),
-                  ("stage2i_fine", "fine_code")]
 # stage -> recipe YAML, where the stage is not named after its recipe
-RECIPE = {**{name: "stage2_llm" for name, _ in _FAMILY_STAGES}, "stage2j_joint": "stage2_joint"}
+RECIPE = {"stage2a_colour": "stage2_llm", **{name: "stage2_curriculum" for name in (
+    "stage2b_shape", "stage2c_count", "stage2d_compare", "stage2e_video_colour", "stage2f_video_events",
+    "stage2g_fine")}}
+# Stage 2 curriculum: one new family group per sub-stage (weight 3, or 2 each for a pair), replaying
+# the groups already learned (weight 1).
+_CURRICULUM = [("stage2a_colour", ["coarse_colour"]), ("stage2b_shape", ["coarse_shape"]),
+               ("stage2c_count", ["coarse_count"]), ("stage2d_compare", ["compare_colour", "compare_count"]),
+               ("stage2e_video_colour", ["video_colour"]), ("stage2f_video_events", ["video_count", "video_order"]),
+               ("stage2g_fine", ["fine_code"])]
+
+
+def _curriculum() -> dict[str, dict[str, int]]:
+    mixtures, seen = {}, []
+    for name, new in _CURRICULUM:
+        weight = 1 if not seen else 3 if len(new) == 1 else 2
+        mixtures[name] = {**{f: 1 for f in seen}, **{f: weight for f in new}}
+        seen += new
+    return mixtures
+
 MIXTURES = {
     "stage0a_llm": {"text": 1},
     "stage1_projector": ALL,
-    **{name: {family: 1} for name, family in _FAMILY_STAGES},
-    "stage2j_joint": ALL,
+    **_curriculum(),
     "stage3_vep": {**IMAGES, "fine_code": 2},
     "stage4_image_sft": {**IMAGES, "fine_code": 2},
     "stage5_video_sft": {"video_colour": 2, "video_order": 2, "video_count": 2, **IMAGES},

@@ -77,7 +77,7 @@ def test_bundle_has_the_published_layout_log_and_eval(smoke_run, tmp_path, capsy
 def test_ablations_smoke_on_the_shared_stage2_checkpoint(smoke_run, tmp_path):
     out, _ = smoke_run
     code = _run_script(REPO / "benchmarks" / "ablations.py",
-                       ["--mode", "smoke", "--base", str(out / "stage2j_joint" / "final"), "--run", str(tmp_path),
+                       ["--mode", "smoke", "--base", str(out / "stage2g_fine" / "final"), "--run", str(tmp_path),
                         "--no-progress"])
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
