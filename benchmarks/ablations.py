@@ -61,25 +61,11 @@ MODES = {
 }
 
 
-def variant_checkpoint(base: Path, out: Path, seed: int, **config_options) -> Path:
-    """A model of ``synthvila_config(**config_options)`` with the ViT and LLM of ``base`` and a fresh
-    projector (seeded), saved in the published layout."""
-    import torch
+def _variant_start(base: Path, out: Path, seed: int, options: dict) -> Path:
+    """The variant's start checkpoint (base ViT + LLM, fresh projector), reused if already written."""
+    from nvila.train.synthvila import init_checkpoint
 
-    from nvila.checkpoint import load_tokenizer, save_pretrained
-    from nvila.model import NVILAForConditionalGeneration
-    from nvila.tiny import synthvila_config
-
-    if (out / "config.json").is_file():
-        return out
-    shared = NVILAForConditionalGeneration.from_pretrained(base)
-    tok = load_tokenizer(base / "llm")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = NVILAForConditionalGeneration(synthvila_config(len(tok), **config_options), shared.ids)
-    model.vision_tower.load_state_dict(shared.vision_tower.state_dict())
-    model.llm.load_state_dict(shared.llm.state_dict())
-    return save_pretrained(model, tok, out, metadata={"nvila_weights": "synthvila-ablation"})
+    return out if (out / "config.json").is_file() else init_checkpoint(out, seed=seed, base=base, **options)
 
 
 def tokens_per_image(path: Path) -> int:
@@ -203,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from nvila.eval import evaluate
-    from nvila.train.synthvila import eval_splits
+    from nvila.data.synthetic import generate_eval_splits
 
     if not (args.base / "config.json").is_file():
         sys.stderr.write(f"ablations: error: no shared checkpoint at {args.base}; run "
@@ -225,12 +211,12 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(batch=mode["batch"], threads=args.threads, seed=args.seed, progress=not args.no_progress)
 
     if "1" in tables:
-        split = eval_splits(run / "eval-image", mode["eval"], [*FINE, *COARSE])
+        split = generate_eval_splits([*FINE, *COARSE], mode["eval"], run / "eval-image")
         for k, (name, (options, vep)) in enumerate(TABLE1.items()):
             if name in results["table1"]:
                 continue
             vdir = run / f"t1-{k}"
-            start = variant_checkpoint(args.base, vdir / "init", args.seed, **options)
+            start = _variant_start(args.base, vdir / "init", args.seed, options)
             plan = [("P", "stage1_projector.yaml", IMAGE_TRAIN, mode["p"]),
                     ("X", "stage3_vep.yaml" if vep else "stage1_projector.yaml", IMAGE_TRAIN, mode["x"]),
                     ("S", "stage2_llm.yaml", IMAGE_TRAIN, mode["s"], S_LR)]
@@ -243,12 +229,12 @@ def main(argv: list[str] | None = None) -> int:
             results_path.write_text(json.dumps(results, indent=2))
 
     if "2" in tables:
-        split = eval_splits(run / "eval-video", mode["eval"], list(VIDEO))
+        split = generate_eval_splits(list(VIDEO), mode["eval"], run / "eval-video")
         for k, (name, options) in enumerate(TABLE2.items()):
             if name in results["table2"]:
                 continue
             vdir = run / f"t2-{k}"
-            start = variant_checkpoint(args.base, vdir / "init", args.seed, **options)
+            start = _variant_start(args.base, vdir / "init", args.seed, options)
             plan = [("P", "stage1_projector.yaml", VIDEO_TRAIN, mode["video_p"]),
                     ("S", "stage2_llm.yaml", VIDEO_TRAIN, mode["video_s"], S_LR)]
             final, secs = train_variant(start, vdir, data, plan, **kw)

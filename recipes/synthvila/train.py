@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     from nvila.data.synthetic import FAMILIES
     from nvila.eval import evaluate, to_markdown
     from nvila.train.stage0 import pretrain_vision
-    from nvila.train.synthvila import Stage, bundle, eval_splits, init_checkpoint, make_data, run_stage
+    from nvila.data.synthetic import generate_eval_splits
+    from nvila.train.synthvila import Stage, bundle, init_checkpoint, make_data, run_stage
 
     torch.set_num_threads(args.threads)
     mode = MODES[args.mode]
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                          progress=not args.no_progress)
 
     t = time.perf_counter()
-    split = eval_splits(out / "eval", mode["eval"])
+    split = generate_eval_splits(None, mode["eval"], out / "eval")
     result = evaluate(ckpt, split, progress=not args.no_progress)
     eval_s = time.perf_counter() - t
     (out / "eval.json").write_text(json.dumps(result, indent=2))

@@ -472,6 +472,18 @@ def generate_eval_split(family: str, n: int, out_dir: str | os.PathLike, **size_
     return generate(family, n, out_dir, get_family(family).eval_seed, **size_options)
 
 
+def generate_eval_splits(families: list[str] | None, n: int, out_dir: str | os.PathLike, *,
+                         preset: str = "small", seed: int | None = None) -> Path:
+    """Held-out splits of ``families`` (all when None) at a ``SIZE_PRESETS`` size, each from its
+    family's eval seed unless ``seed`` is given, merged into ``out_dir/eval.jsonl`` (returned)."""
+    out = Path(out_dir)
+    parts = [generate(name, n, out, get_family(name).eval_seed if seed is None else seed,
+                      **preset_options(name, preset)) for name in (families or list(FAMILIES))]
+    merged = out / "eval.jsonl"
+    merged.write_text("".join(p.read_text(encoding="utf-8") for p in parts), encoding="utf-8")
+    return merged
+
+
 def corpus() -> list[str]:
     """The synthetic language as tokenizer training text: every question, and every answer word both
     alone (as it starts an assistant turn) and after its question. Codes are left out, so digits stay

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _task_file(task: str, n: int, tmp: Path, preset: str = "small", seed: int | None = None) -> Path:
     """The JSONL to evaluate: ``task`` itself, or a generated eval split of one or every family
     (``preset`` sizes; each family's eval seed unless ``seed`` is given)."""
-    from nvila.data.synthetic import FAMILIES, SIZE_PRESETS, generate, get_family, preset_options
+    from nvila.data.synthetic import FAMILIES, SIZE_PRESETS, generate_eval_splits
 
     if Path(task).is_file():
         return Path(task)
@@ -56,14 +56,7 @@ def _task_file(task: str, n: int, tmp: Path, preset: str = "small", seed: int | 
         raise ValueError(f"--eval-size must be >= 1, got {n}")
     if preset not in SIZE_PRESETS:
         raise ValueError(f"--preset {preset!r} is not valid; choose one of {', '.join(SIZE_PRESETS)}")
-    names = list(FAMILIES) if task == "all" else [task]
-    parts = [generate(name, n, tmp, get_family(name).eval_seed if seed is None else seed,
-                      **preset_options(name, preset)) for name in names]
-    if len(parts) == 1:
-        return parts[0]
-    merged = tmp / "all.jsonl"
-    merged.write_text("".join(p.read_text(encoding="utf-8") for p in parts), encoding="utf-8")
-    return merged
+    return generate_eval_splits(None if task == "all" else [task], n, tmp, preset=preset, seed=seed)
 
 
 def run(args: argparse.Namespace) -> int:

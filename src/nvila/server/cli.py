@@ -2,7 +2,8 @@
 
 Contract (the ``nvila`` CLI's): ``add_arguments(parser)`` declares the flags and ``run(args)``
 returns the exit code; bad input raises ``ValueError`` / ``OSError`` for the caller to report.
-Without ``--model`` the bundled SynthVILA checkpoint is served (``nvila.bundled``).
+Without ``--model`` the entry point (``nvila.cli.main``, ``python -m nvila.server``) passes the
+bundled SynthVILA checkpoint (``nvila.bundled``).
 Once the socket is bound, one ready line goes to stderr::
 
     nvila serve: ready on http://127.0.0.1:8000 (model NAME; media: data: URLs; API key off)
@@ -88,13 +89,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from ..bundled import default_model_path
     from ..config import NVILAConfig
     from ..engine import Engine, EngineConfig
     from .app import create_app
 
-    if args.model is None:
-        args.model = str(default_model_path())
     api_key = args.api_key or os.environ.get("NVILA_API_KEY") or None
     ckpt_frames = NVILAConfig.from_pretrained(args.model).num_video_frames
     if args.max_video_frames is not None and args.max_video_frames < ckpt_frames:

@@ -3,8 +3,8 @@
 The recipe trains the bundled small NVILA from random init on SynthVILA data with our own trainer:
 stage 0 (dense vision pre-training, ``stage0.py``, and text-only LLM pre-training on the answer
 language), then NVILA's stages 1-5. These helpers write the data, the mixtures and the initial
-checkpoint, run one trainer stage from a recipe YAML, evaluate on held-out splits and copy a
-training checkpoint's published layout into a bundle directory.
+checkpoint, run one trainer stage from a recipe YAML and copy a training checkpoint's published
+layout into a bundle directory. Held-out splits come from ``nvila.data.synthetic.generate_eval_splits``.
 
 Contract: every path is explicit; nothing here chooses step counts or learning rates (the recipe
 script and the ablation benchmark do).
@@ -82,22 +82,33 @@ def write_mixture(path: Path, data_dir: Path, weights: dict[str, int]) -> Path:
     return path
 
 
-def init_checkpoint(out_dir: str | os.PathLike, *, seed: int = 0, **config_options) -> Path:
-    """A randomly initialised SynthVILA checkpoint (``nvila.tiny.synthvila_config``) in the published
-    layout, with the synthetic-language tokenizer."""
+def init_checkpoint(out_dir: str | os.PathLike, *, seed: int = 0, base: str | os.PathLike | None = None,
+                    **config_options) -> Path:
+    """A SynthVILA checkpoint of ``nvila.tiny.synthvila_config(**config_options)`` in the published
+    layout, randomly initialised from ``seed``.
+
+    Without ``base`` it has the synthetic-language tokenizer. With ``base`` (a SynthVILA checkpoint)
+    it takes the base's tokenizer, vision tower and LLM, and keeps only its projector fresh: the
+    start of every ablation variant, whose projector width depends on the variant.
+    """
     import torch
 
-    from nvila.checkpoint import CHAT_TEMPLATES, save_pretrained, token_ids
+    from nvila.checkpoint import CHAT_TEMPLATES, load_tokenizer, save_pretrained, token_ids
     from nvila.data.synthetic import build_synth_tokenizer
     from nvila.model import NVILAForConditionalGeneration
     from nvila.tiny import synthvila_config
 
-    tok = build_synth_tokenizer()
+    tok = build_synth_tokenizer() if base is None else load_tokenizer(Path(base) / "llm")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = NVILAForConditionalGeneration(synthvila_config(len(tok), **config_options),
                                               token_ids(tok, CHAT_TEMPLATES["qwen2"]))
-    return save_pretrained(model, tok, out_dir, metadata={"nvila_weights": "random"})
+    if base is not None:
+        shared = NVILAForConditionalGeneration.from_pretrained(base)
+        model.vision_tower.load_state_dict(shared.vision_tower.state_dict())
+        model.llm.load_state_dict(shared.llm.state_dict())
+    weights = "random" if base is None else "random projector; vision tower and LLM from a base checkpoint"
+    return save_pretrained(model, tok, out_dir, metadata={"nvila_weights": weights})
 
 
 @dataclass
@@ -149,15 +160,3 @@ def bundle(checkpoint: Path, dest: Path) -> Path:
     tmp.rename(dest)
     return dest
 
-
-def eval_splits(out_dir: str | os.PathLike, n: int, families=None, *, preset: str = "small",
-                seed: int | None = None) -> Path:
-    """Held-out splits (each family's eval seed unless ``seed``) merged into ``out_dir/eval.jsonl``."""
-    from nvila.data.synthetic import FAMILIES, generate, get_family, preset_options
-
-    out = Path(out_dir)
-    parts = [generate(name, n, out, get_family(name).eval_seed if seed is None else seed,
-                      **preset_options(name, preset)) for name in (families or list(FAMILIES))]
-    merged = out / "eval.jsonl"
-    merged.write_text("".join(p.read_text(encoding="utf-8") for p in parts), encoding="utf-8")
-    return merged
