@@ -11,7 +11,8 @@ the variant), so every variant must re-align its projector. Every variant then t
 steps, batch, learning rates and data order:
 
 * Table 1 analogue (image families; ``fine_code`` = fine detail, ``coarse_*`` = coarse):
-  stage P (projector, LR 1e-3) -> stage X -> stage S (projector + LLM at LR 5e-4, ViT frozen), where
+  stage P (projector, LR 1e-3) -> stage X -> stage S (projector + LLM at LR 5e-4, ViT frozen, from a
+  mean-centred projector as in the recipe), where
   stage X is projector-only for every variant except "3x3 after VEP", whose stage X also trains the
   ViT (NVILA's visual-encoder pre-training). Variants: low-res single tile 2x2; Dynamic-S2 2x2;
   Dynamic-S2 3x3 (projector-only); Dynamic-S2 3x3 after VEP.
@@ -90,12 +91,15 @@ S_LR = ["optim.lr.projector=5e-4", "optim.lr.llm=5e-4"]
 def train_variant(start: Path, run: Path, data: Path, plan: list[tuple], *, batch: int,
                   threads: int, seed: int, progress: bool) -> tuple[Path, float]:
     """Run (name, recipe, mixture, steps[, overrides]) stages in order; returns the final checkpoint
-    and the seconds spent."""
-    from nvila.train.synthvila import Stage, run_stage
+    and the seconds spent. As in the recipe, a stage that trains the LLM (stage S) starts from a
+    mean-centred projector (``centre_projector``)."""
+    from nvila.train.synthvila import Stage, centre_projector, run_stage
 
     t = time.perf_counter()
     ckpt = start
     for name, recipe, mixture, steps, *overrides in plan:
+        if name == "S" and not (run / name / "final" / "config.json").is_file():
+            ckpt = centre_projector(ckpt, run / name / "centred", data)
         ckpt = run_stage(Stage(name, RECIPES / recipe, mixture, steps, batch), ckpt, run / name, data,
                          threads=threads, seed=seed, progress=progress, overrides=overrides[0] if overrides else ())
     return ckpt, time.perf_counter() - t

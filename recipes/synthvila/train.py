@@ -1,7 +1,7 @@
 """Train the bundled SynthVILA model from random init with our own pipeline.
 
     python recipes/synthvila/train.py --out runs/synthvila                   # full run (~1 h, 1 thread)
-    python recipes/synthvila/train.py --out runs/synthvila --bundle src/nvila/models/synthvila
+    python recipes/synthvila/train.py --out runs/synthvila --bundle src/nvila/bundled/synthvila
     python recipes/synthvila/train.py --out /tmp/smoke --mode smoke          # CI: same script, ~2 min
 
 The curriculum (spec training.md §7.4-7.5): SynthVILA data at the "small" size preset; a random
@@ -12,9 +12,11 @@ VEP comes after the projector + LLM stage here: a tiny text-only LLM that stays 
 learns to read visual tokens (measured: stage 1 and VEP with a frozen LLM stayed at the chance
 loss), so it must learn to read first. Stage 2 is a curriculum, one family group at a time with
 replay (2a colour, 2b shape, 2c count, 2d comparisons, 2e video colour, 2f video count/order, 2g
-the code): on all nine families at once it stayed near the chance loss for 500 steps, while the
-colour family alone left the plateau within ~50 steps. (One family at a time without replay, at LR
-1e-3, then all families together, was measured too and ended worse: it forgot the colour family.)
+the code), the new group taking 60 % of the records: on all nine families at once it stayed near
+the chance loss for 500 steps, while the colour family alone left the plateau within ~50 steps.
+Every stage that trains the LLM starts from a mean-centred projector (``centre_projector``): the
+visual tokens otherwise share an offset ~6x their variation, and a 4x-pooled video flash, diluted
+to a quarter, was never learned (at chance for 150 steps alone; learned in ~60 once centred).
 Every stage writes ``<out>/<stage>/final`` (the published layout + metrics.jsonl); a re-run skips
 finished stages. The final model is evaluated on every family's held-out split; with ``--bundle``
 the checkpoint, the training log, the eval results and this command are copied there.
@@ -36,8 +38,8 @@ HERE = Path(__file__).resolve().parent
 # mode -> train samples per family, stage-0 steps, stage steps, batch, eval samples per family
 MODES = {
     "full": dict(image=3000, compare=2000, video=1500, vision_steps=3000, text_steps=300,
-                 steps={"stage1_projector": 400, "stage2a_colour": 150, "stage2b_shape": 150, "stage2c_count": 150,
-                        "stage2d_compare": 150, "stage2e_video_colour": 150, "stage2f_video_events": 200,
+                 steps={"stage1_projector": 400, "stage2a_colour": 150, "stage2b_shape": 150, "stage2c_count": 500,
+                        "stage2d_compare": 300, "stage2e_video_colour": 150, "stage2f_video_events": 300,
                         "stage2g_fine": 200, "stage3_vep": 300, "stage4_image_sft": 600, "stage5_video_sft": 300},
                  batch=16, eval=100),
     "smoke": dict(image=8, compare=8, video=8, vision_steps=20, text_steps=15,
@@ -51,34 +53,46 @@ ALL = {"fine_code": 1, "coarse_colour": 1, "coarse_count": 1, "coarse_shape": 1,
        "compare_colour": 1, "video_colour": 1, "video_order": 1, "video_count": 1}
 IMAGES = {k: v for k, v in ALL.items() if not k.startswith("video")}
 # stage -> recipe YAML, where the stage is not named after its recipe
-RECIPE = {"stage2a_colour": "stage2_llm", **{name: "stage2_curriculum" for name in (
-    "stage2b_shape", "stage2c_count", "stage2d_compare", "stage2e_video_colour", "stage2f_video_events",
-    "stage2g_fine")}}
-# Stage 2 curriculum: one new family group per sub-stage (weight 3, or 2 each for a pair), replaying
-# the groups already learned (weight 1).
+RECIPE = {name: "stage2_llm" for name in ("stage2a_colour", "stage2b_shape", "stage2c_count", "stage2d_compare",
+                                           "stage2e_video_colour", "stage2f_video_events", "stage2g_fine")}
+# Stage 2 curriculum: one new family group per sub-stage, replaying the groups already learned. The
+# new group gets NEW_SHARE of the sampled records (a family learned alone within ~60 steps, and not
+# at all at a weight of 3 against the replay, about a 20 % share).
 _CURRICULUM = [("stage2a_colour", ["coarse_colour"]), ("stage2b_shape", ["coarse_shape"]),
                ("stage2c_count", ["coarse_count"]), ("stage2d_compare", ["compare_colour", "compare_count"]),
                ("stage2e_video_colour", ["video_colour"]), ("stage2f_video_events", ["video_count", "video_order"]),
                ("stage2g_fine", ["fine_code"])]
+NEW_SHARE = 0.6
 
 
-def _curriculum() -> dict[str, dict[str, int]]:
+def _curriculum(sizes: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Stage -> mixture (family -> repeats): replay families once, new ones repeated to NEW_SHARE."""
     mixtures, seen = {}, []
     for name, new in _CURRICULUM:
-        weight = 1 if not seen else 3 if len(new) == 1 else 2
-        mixtures[name] = {**{f: 1 for f in seen}, **{f: weight for f in new}}
+        replay = sum(sizes[f] for f in seen)
+        fresh = sum(sizes[f] for f in new)
+        rep = max(1, round(NEW_SHARE / (1 - NEW_SHARE) * replay / fresh)) if seen else 1
+        mixtures[name] = {**{f: 1 for f in seen}, **{f: rep for f in new}}
         seen += new
     return mixtures
 
-MIXTURES = {
-    "stage0a_llm": {"text": 1},
-    "stage1_projector": ALL,
-    **_curriculum(),
-    "stage3_vep": {**IMAGES, "fine_code": 2},
-    "stage4_image_sft": {**IMAGES, "fine_code": 2},
-    "stage5_video_sft": {"video_colour": 2, "video_order": 2, "video_count": 2, **IMAGES},
-}
 
+def mixtures(sizes: dict[str, int]) -> dict[str, dict[str, int]]:
+    """Every stage's mixture for the train split ``sizes`` (family -> records)."""
+    return {
+        "stage0a_llm": {"text": 1},
+        "stage1_projector": ALL,
+        **_curriculum(sizes),
+        "stage3_vep": {**IMAGES, "fine_code": 2},
+        "stage4_image_sft": {**IMAGES, "fine_code": 2},
+        "stage5_video_sft": {"video_colour": 2, "video_order": 2, "video_count": 2, **IMAGES},
+    }
+
+
+# Every stage that trains the LLM starts from a mean-centred projector (synthvila.centre_projector).
+# VEP (LLM frozen) starts where stage 2 ends: a frozen LLM cannot follow the shift.
+CENTRED = ("stage2a_colour", "stage2b_shape", "stage2c_count", "stage2d_compare", "stage2e_video_colour", "stage2f_video_events",
+           "stage2g_fine", "stage4_image_sft", "stage5_video_sft")
 
 def _metrics(final: Path) -> list[dict]:
     return [json.loads(line) for line in (final / "metrics.jsonl").read_text().splitlines()]
@@ -103,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from nvila.eval import evaluate, to_markdown
     from nvila.train.stage0 import pretrain_vision
     from nvila.data.synthetic import generate_eval_splits
-    from nvila.train.synthvila import Stage, bundle, init_checkpoint, make_data, run_stage
+    from nvila.train.synthvila import Stage, bundle, centre_projector, init_checkpoint, make_data, run_stage
 
     torch.set_num_threads(args.threads)
     mode = MODES[args.mode]
@@ -130,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy(log, stage0b / "metrics.jsonl")
     ckpt = stage0b
 
-    stages = [Stage("stage0a_llm", HERE / "stage0a_llm.yaml", MIXTURES["stage0a_llm"], mode["text_steps"],
+    mix = mixtures(sizes)
+    stages = [Stage("stage0a_llm", HERE / "stage0a_llm.yaml", mix["stage0a_llm"], mode["text_steps"],
                     4 * mode["batch"])]
-    stages += [Stage(name, HERE / f"{RECIPE.get(name, name)}.yaml", MIXTURES[name], steps, mode["batch"])
+    stages += [Stage(name, HERE / f"{RECIPE.get(name, name)}.yaml", mix[name], steps, mode["batch"])
                for name, steps in mode["steps"].items()]
     for stage in stages:
+        if stage.name in CENTRED and not (out / stage.name / "final" / "config.json").is_file():
+            ckpt = centre_projector(ckpt, out / stage.name / "centred", data)
         ckpt = run_stage(stage, ckpt, out / stage.name, data, threads=args.threads, seed=args.seed,
                          progress=not args.no_progress)
 

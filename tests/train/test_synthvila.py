@@ -95,3 +95,31 @@ def test_ablations_without_a_base_checkpoint_is_a_clear_error(tmp_path, capsys):
                                                                str(tmp_path / "r")])
     assert code == 2
     assert "no shared checkpoint" in capsys.readouterr().err
+
+
+def test_centre_projector_removes_the_mean_visual_token_and_nothing_else(smoke_run, tmp_path):
+    import torch
+
+    from nvila.model import NVILAForConditionalGeneration
+    from nvila.processor import NVILAProcessor
+    from nvila.train.synthvila import centre_projector
+
+    out, _ = smoke_run
+    start, data = out / "stage1_projector" / "final", out / "data"
+    centred = centre_projector(start, tmp_path / "centred", data)
+    images = [json.loads(line)["image"] for line in (data / "coarse_colour.jsonl").read_text().splitlines()]
+
+    def mean_token(path: Path) -> torch.Tensor:
+        model, proc = NVILAForConditionalGeneration.from_pretrained(path).eval(), NVILAProcessor.from_pretrained(path)
+        with torch.no_grad():
+            rows = []
+            for rel in images:
+                inputs, _ = proc.prepare([[{"role": "user", "content": [{"type": "image", "image": str(data / rel)}]}]])
+                rows.append(model.encode_images(inputs["pixel_values"], inputs["image_block_sizes"]))
+        return torch.cat(rows).mean(0)
+
+    before, after = mean_token(start), mean_token(centred)
+    assert before.norm() > 1.0 and after.norm() < 1e-3 * before.norm()
+    a, b = (NVILAForConditionalGeneration.from_pretrained(p).state_dict() for p in (start, centred))
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert len(changed) == 1 and changed[0].startswith("mm_projector.") and changed[0].endswith(".bias")

@@ -217,7 +217,7 @@ def pretrain_vision(model_path, out_dir, *, steps: int, scenes: int = 8, frames:
         sched.step()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             acc = held_out()
-            record = {"step": step + 1, "loss": float(loss), "elapsed_s": time.perf_counter() - t0, **acc}
+            record = {"step": step + 1, "loss": float(loss.detach()), "elapsed_s": time.perf_counter() - t0, **acc}
             logger.info("stage 0b step %d: %s", step + 1, record)
             if log_path is not None:
                 with open(log_path, "a", encoding="utf-8") as f:
