@@ -91,8 +91,9 @@ def mixtures(sizes: dict[str, int]) -> dict[str, dict[str, int]]:
 
 # Every stage that trains the LLM starts from a mean-centred projector (synthvila.centre_projector).
 # VEP (LLM frozen) starts where stage 2 ends: a frozen LLM cannot follow the shift.
-CENTRED = ("stage2a_colour", "stage2b_shape", "stage2c_count", "stage2d_compare", "stage2e_video_colour", "stage2f_video_events",
-           "stage2g_fine", "stage4_image_sft", "stage5_video_sft")
+CENTRED = ("stage2a_colour", "stage2b_shape", "stage2c_count", "stage2d_compare", "stage2e_video_colour",
+           "stage2f_video_events", "stage2g_fine", "stage4_image_sft", "stage5_video_sft")
+
 
 def _metrics(final: Path) -> list[dict]:
     return [json.loads(line) for line in (final / "metrics.jsonl").read_text().splitlines()]

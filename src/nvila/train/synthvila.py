@@ -3,8 +3,9 @@
 The recipe trains the bundled small NVILA from random init on SynthVILA data with our own trainer:
 stage 0 (dense vision pre-training, ``stage0.py``, and text-only LLM pre-training on the answer
 language), then NVILA's stages 1-5. These helpers write the data, the mixtures and the initial
-checkpoint, run one trainer stage from a recipe YAML and copy a training checkpoint's published
-layout into a bundle directory. Held-out splits come from ``nvila.data.synthetic.generate_eval_splits``.
+checkpoint, mean-centre a projector's output, run one trainer stage from a recipe YAML and copy a
+training checkpoint's published layout into a bundle directory. Held-out splits come from
+``nvila.data.synthetic.generate_eval_splits``.
 
 Contract: every path is explicit; nothing here chooses step counts or learning rates (the recipe
 script and the ablation benchmark do).
@@ -121,7 +122,8 @@ def centre_projector(start: str | os.PathLike, out_dir: str | os.PathLike, data_
     stayed at chance for 150 steps of its family alone, and was learned in ~60 steps once
     centred. The bias of the projector's last Linear absorbs minus the mean visual token over the
     first ``images`` images of ``data_dir/coarse_colour.jsonl``; no other weight changes. Training
-    regrows the offset (0.8 -> 22 in 150 steps), so the recipe centres before every stage.
+    regrows the offset (0.8 -> 22 in 150 steps), so the recipe centres before every stage that
+    trains the LLM.
     """
     import torch
 
