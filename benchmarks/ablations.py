@@ -93,14 +93,13 @@ def train_variant(start: Path, run: Path, data: Path, plan: list[tuple], *, batc
     """Run (name, recipe, mixture, steps[, overrides]) stages in order; returns the final checkpoint
     and the seconds spent. As in the recipe, a stage that trains the LLM (stage S) starts from a
     mean-centred projector (``centre_projector``)."""
-    from nvila.train.synthvila import Stage, centre_projector, run_stage
+    from nvila.train.synthvila import Stage, run_stage
 
     t = time.perf_counter()
     ckpt = start
     for name, recipe, mixture, steps, *overrides in plan:
-        if name == "S" and not (run / name / "final" / "config.json").is_file():
-            ckpt = centre_projector(ckpt, run / name / "centred", data)
-        ckpt = run_stage(Stage(name, RECIPES / recipe, mixture, steps, batch), ckpt, run / name, data,
+        stage = Stage(name, RECIPES / recipe, mixture, steps, batch, centre=name == "S")
+        ckpt = run_stage(stage, ckpt, run / name, data,
                          threads=threads, seed=seed, progress=progress, overrides=overrides[0] if overrides else ())
     return ckpt, time.perf_counter() - t
 

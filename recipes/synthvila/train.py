@@ -114,11 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from nvila.data.synthetic import FAMILIES
+    from nvila.data.synthetic import FAMILIES, generate_eval_splits
     from nvila.eval import evaluate, to_markdown
     from nvila.train.stage0 import pretrain_vision
-    from nvila.data.synthetic import generate_eval_splits
-    from nvila.train.synthvila import Stage, bundle, centre_projector, init_checkpoint, make_data, run_stage
+    from nvila.train.synthvila import Stage, bundle, init_checkpoint, make_data, run_stage
 
     torch.set_num_threads(args.threads)
     mode = MODES[args.mode]
@@ -148,11 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     mix = mixtures(sizes)
     stages = [Stage("stage0a_llm", HERE / "stage0a_llm.yaml", mix["stage0a_llm"], mode["text_steps"],
                     4 * mode["batch"])]
-    stages += [Stage(name, HERE / f"{RECIPE.get(name, name)}.yaml", mix[name], steps, mode["batch"])
+    stages += [Stage(name, HERE / f"{RECIPE.get(name, name)}.yaml", mix[name], steps, mode["batch"],
+                     centre=name in CENTRED)
                for name, steps in mode["steps"].items()]
     for stage in stages:
-        if stage.name in CENTRED and not (out / stage.name / "final" / "config.json").is_file():
-            ckpt = centre_projector(ckpt, out / stage.name / "centred", data)
         ckpt = run_stage(stage, ckpt, out / stage.name, data, threads=args.threads, seed=args.seed,
                          progress=not args.no_progress)
 

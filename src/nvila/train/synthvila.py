@@ -153,20 +153,23 @@ def centre_projector(start: str | os.PathLike, out_dir: str | os.PathLike, data_
 
 @dataclass
 class Stage:
-    """One trainer stage: a recipe YAML and what the recipe script fills in."""
+    """One trainer stage: a recipe YAML and what the recipe script fills in. ``centre``: start from
+    a mean-centred copy of the start checkpoint (``centre_projector``), for stages that train the LLM."""
 
     name: str
     recipe: Path
     mixture: dict[str, int]
     steps: int
     batch: int = 16
+    centre: bool = False
 
 
 def run_stage(stage: Stage, start: Path, out_dir: Path, data_dir: Path, *, threads: int | None = None,
               seed: int = 0, progress: bool = True, overrides: list[str] = ()) -> Path:
     """Train one stage from ``start`` into ``out_dir``; returns the final checkpoint directory.
 
-    A stage whose ``out_dir/final`` exists is skipped (the recipe can be re-run after a stop).
+    A stage whose ``out_dir/final`` exists is skipped (the recipe can be re-run after a stop). A
+    ``stage.centre`` stage trains from ``out_dir/centred``, the start with its projector mean-centred.
     """
     from .config import load_config
     from .trainer import train
@@ -176,6 +179,8 @@ def run_stage(stage: Stage, start: Path, out_dir: Path, data_dir: Path, *, threa
         logger.info("stage %s: already done (%s)", stage.name, final)
         return final
     out_dir.mkdir(parents=True, exist_ok=True)
+    if stage.centre:
+        start = centre_projector(start, out_dir / "centred", data_dir)
     mixture = write_mixture(out_dir / "mixture.yaml", data_dir, stage.mixture)
     cfg = load_config(stage.recipe, [
         f"model.path={start}", f"data.mixture={mixture}", f"run.output_dir={out_dir}", f"run.seed={seed}",
