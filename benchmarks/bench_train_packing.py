@@ -28,7 +28,7 @@ from nvila.processor import NVILAProcessor
 from nvila.tiny import build_tokenizer, tiny_config
 from nvila.train.data import MixtureDataset, SampleEncoder, load_mixture
 from nvila.train.packing import collate, use_packed_attention
-from nvila.train.trainer import _token_ce_sum
+from nvila.train.trainer import _token_ce
 
 
 def make_data(root: Path, n: int, seed: int) -> Path:
@@ -75,7 +75,7 @@ def main() -> None:
         for _ in range(args.reps + 1):  # interleaved against drift on a shared machine; first round = warm-up
             for packed, batch in batches.items():
                 t0 = time.perf_counter()
-                _token_ce_sum(model(**batch).logits, labels[packed]).backward()
+                _token_ce(model(**batch).logits, labels[packed]).sum().backward()
                 times.setdefault(packed, []).append(time.perf_counter() - t0)
                 model.zero_grad(set_to_none=True)
         times = {p: t[1:] for p, t in times.items()}

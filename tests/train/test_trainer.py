@@ -121,3 +121,24 @@ def test_two_processes_match_one(setup, tmp_path):
     assert max(abs(a - b) for a, b in zip(ddp, one)) <= 1e-5, (ddp, one)
     cfg = load_config(RECIPE, [f"model.path={ckpt}"])
     assert cfg.optim.global_batch_size % 2 == 0  # the recipe itself splits over 2 processes
+
+
+@pytest.mark.parametrize("pack", ["true", "false"])
+def test_metrics_split_the_loss_by_dataset(tiny_ckpts, tmp_path, pack):
+    root = tmp_path / "data"
+    mixture = make_image_data(root, 4)
+    texts = [{"conversations": [{"from": "human", "value": f"Name colour {i}."}, {"from": "gpt", "value": "Red."}]}
+             for i in range(4)]
+    (root / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in texts), encoding="utf-8")
+    mixture.write_text("datasets:\n  - {name: shapes, path: shapes.jsonl, media_root: images}\n"
+                       "  - {name: text, path: text.jsonl, media_root: .}\n", encoding="utf-8")
+    out = tmp_path / "run"
+    assert main(_args(tiny_ckpts["nvila-video"], mixture, out, f"data.pack={pack}", "optim.global_batch_size=4",
+                      "optim.micro_batch_size=2")) == 0
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {name for m in lines for name in m["loss_by_dataset"]} == {"shapes", "text"}
+    for m in lines:
+        by, n = m["loss_by_dataset"], m["targets_by_dataset"]
+        assert set(by) == set(n) and all(v > 0 for v in by.values()) and all(k > 0 for k in n.values())
+        mean = sum(by[k] * n[k] for k in by) / sum(n.values())
+        assert abs(mean - m["loss"]) <= 1e-6 * max(1.0, m["loss"]), (m, mean)

@@ -124,6 +124,7 @@ class MixtureDataset:
     def __init__(self, specs: list[DatasetSpec], seed: int = 0):
         self.records: list[list[dict]] = [read_records(s.path) for s in specs]
         self.roots = [s.media_root for s in specs]
+        self.names = [s.name for s in specs]
         self.index: list[tuple[int, int]] = []
         for d, (spec, recs) in enumerate(zip(specs, self.records)):
             keep = list(range(len(recs)))
@@ -140,6 +141,10 @@ class MixtureDataset:
         d, j = self.index[i]
         return self.records[d][j], self.roots[d]
 
+    def source(self, i: int) -> int:
+        """The index in ``names`` of the dataset that mixture position ``i`` comes from."""
+        return self.index[i][0]
+
 
 # ---------------------------------------------------------------------------------------- samples
 @dataclass
@@ -152,6 +157,7 @@ class Sample:
     image_block_sizes: list = field(default_factory=list)
     pixel_values_videos: torch.Tensor | None = None  # (N_frames, 3, S, S)
     video_num_frames: list[int] = field(default_factory=list)
+    source: int = -1  # its dataset's index in the mixture (MixtureDataset.names); -1 when unknown
 
 
 def to_conversation(record: dict, media_root: Path) -> list[dict]:
@@ -289,10 +295,13 @@ class SampleStream:
         out = []
         misses = 0
         while len(out) < n:
-            record, root = self.dataset[self._index(self.cursor)]
+            index = self._index(self.cursor)
+            record, root = self.dataset[index]
             self.cursor += 1
             try:
-                out.append(self.encode(record, root))
+                sample = self.encode(record, root)
+                sample.source = self.dataset.source(index)
+                out.append(sample)
                 misses = 0
             except BadSample as e:
                 self.skipped[e.reason] += 1

@@ -88,6 +88,15 @@ def collate(samples: list[Sample], *, packed: bool, pad_id: int) -> dict:
     return pack(samples) if packed else pad(samples, pad_id)
 
 
+def token_sources(samples: list[Sample], *, packed: bool) -> torch.Tensor:
+    """Each token's ``Sample.source``, laid out as ``collate`` lays out the tokens: (1, T) packed,
+    (B, L_max) padded (padding takes its row's source; its labels are ignored anyway)."""
+    if packed:
+        return torch.cat([torch.full((s.input_ids.numel(),), s.source) for s in samples])[None]
+    length = max(s.input_ids.numel() for s in samples)
+    return torch.tensor([[s.source] for s in samples]).expand(-1, length)
+
+
 def num_targets(batch: dict) -> int:
     """Labelled tokens after the causal shift (the denominator of the token-mean loss)."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())

@@ -15,7 +15,10 @@ whatever the split into processes x micro-batches: the same global batch gives t
 
 Metrics (``<output_dir>/metrics.jsonl``, rank 0, one line per step): step, loss, grad_norm, lr per
 component, tokens (media-expanded, all ranks), tokens_per_s, step_time_s, peak memory (MiB),
-skipped samples by reason.
+skipped samples by reason, and per mixture dataset ``loss_by_dataset`` (the token-mean loss over
+that dataset's labelled tokens in the step's global batch) and ``targets_by_dataset`` (how many
+labelled tokens it had); datasets with no sample in the step are left out. Weighted by the token
+counts, the per-dataset losses average to ``loss``; a plateau shows per task.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from . import distributed as D
 from . import state as S
 from .config import TrainConfig, TrainConfigError, accumulation_steps, total_steps
 from .data import IGNORE_INDEX, MixtureDataset, SampleEncoder, SampleStream, load_mixture
-from .packing import collate, num_targets, to_device, use_packed_attention
+from .packing import collate, num_targets, to_device, token_sources, use_packed_attention
 from .peft import apply_trainability, component_parameters
 
 logger = logging.getLogger(__name__)
@@ -117,11 +120,20 @@ def _checkpoint_activations(module) -> None:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _token_ce_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token CE over labelled positions. logits (B, T, V), labels (B, T) -> scalar."""
+def _token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token CE per position, 0 where unlabelled. logits (B, T, V), labels (B, T) -> (B, T-1)."""
     logits = logits[:, :-1].float()  # (B, T-1, V)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def _per_source(token_ce: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor, n: int) -> list[float]:
+    """CE sums then labelled-token counts per dataset index (2n floats, host). token_ce (B, T-1),
+    labels and sources (B, T); tokens of an unknown source (-1) are left out."""
+    keep = (labels[:, 1:] != IGNORE_INDEX) & (sources[:, 1:] >= 0)
+    src = sources[:, 1:][keep].cpu()
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, src, token_ce.detach()[keep].double().cpu())
+    counts = torch.bincount(src, minlength=n).double()
+    return [*sums.tolist(), *counts.tolist()]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -198,23 +210,27 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     bar = tqdm(total=steps, initial=start, disable=not (info.is_main and cfg.run.progress), file=sys.stderr,
                desc="train", dynamic_ncols=True)
     trainable = [p for g in groups for p in g["params"]]
+    n_sets = len(dataset.names)
     last = None
     for step in range(start, stop):
         t0 = time.perf_counter()
-        micro = [collate(stream.take(cfg.optim.micro_batch_size), packed=cfg.data.pack,
-                         pad_id=processor.ids.pad) for _ in range(accum)]
+        taken = [stream.take(cfg.optim.micro_batch_size) for _ in range(accum)]
+        micro = [collate(samples, packed=cfg.data.pack, pad_id=processor.ids.pad) for samples in taken]
         local_targets = sum(num_targets(b) for b in micro)
         local_tokens = sum(int(b["input_ids"].numel() if cfg.data.pack else b["attention_mask"].sum()) for b in micro)
         n_targets = D.all_sum([local_targets])[0]
         ce_total = 0.0
-        for i, batch in enumerate(micro):
+        by_source = [0.0] * (2 * n_sets)  # CE sums, then labelled tokens, per mixture dataset
+        for i, (batch, samples) in enumerate(zip(micro, taken)):
             batch = to_device(batch, device, dtype)
-            labels = batch.pop("labels")
+            labels, sources = batch.pop("labels"), token_sources(samples, packed=cfg.data.pack)
             sync = i == len(micro) - 1
             with (nullcontext() if sync or info.world == 1 else ddp.no_sync()):
-                ce = _token_ce_sum(ddp(**batch).logits, labels)
+                token_ce = _token_ce(ddp(**batch).logits, labels)  # (B, T-1)
+                ce = token_ce.sum()
                 (ce * (info.world / max(n_targets, 1))).backward()
             ce_total += float(ce.detach())
+            by_source = [a + b for a, b in zip(by_source, _per_source(token_ce, labels, sources, n_sets))]
         if cfg.optim.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm))
         else:
@@ -225,11 +241,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         skipped = sum(stream.skipped.values())
-        ce_sum, tokens, skipped_all = D.all_sum([ce_total, local_tokens, skipped])
+        ce_sum, tokens, skipped_all, *by_source = D.all_sum([ce_total, local_tokens, skipped, *by_source])
         elapsed = time.perf_counter() - t0
         record = {"step": step + 1, "loss": ce_sum / max(n_targets, 1), "grad_norm": grad_norm,
                   "lr": lrs, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-                  "memory_mib": _peak_memory_mib(device), "skipped": int(skipped_all)}
+                  "memory_mib": _peak_memory_mib(device), "skipped": int(skipped_all),
+                  "loss_by_dataset": {name: by_source[k] / by_source[n_sets + k]
+                                      for k, name in enumerate(dataset.names) if by_source[n_sets + k] > 0},
+                  "targets_by_dataset": {name: int(by_source[n_sets + k])
+                                         for k, name in enumerate(dataset.names) if by_source[n_sets + k] > 0}}
         if info.is_main:
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
