@@ -113,13 +113,17 @@ def test_image_answers_match_the_rendered_pixels(tmp_path):
         assert not (colourful & ~in_shapes).any()
 
 
-def test_comparison_answers(tmp_path):
+@pytest.mark.parametrize("preset", ["paper", "small"])
+def test_comparison_answers(tmp_path, preset):
     for family in ("compare_count", "compare_colour"):
-        recs = _records(S.generate(family, 20, tmp_path, 2))
+        recs = _records(S.generate(family, 20, tmp_path, 2, **S.preset_options(family, preset)))
         answers = [r["conversations"][1]["value"] for r in recs]
         assert len(set(answers)) == 2  # both answers occur
         for r, answer in zip(recs, answers):
             first, second = r["meta"]["scene"]
+            for scene in (first, second):  # "the largest shape" is unambiguous, even on a 24-px canvas
+                sides = [s["box"][2] for s in scene["shapes"]]
+                assert sides[0] >= 1.6 * max(sides[1:], default=0)
             if family == "compare_count":
                 assert len(first["shapes"]) != len(second["shapes"])
                 assert answer == ("first" if len(first["shapes"]) > len(second["shapes"]) else "second")
@@ -173,3 +177,11 @@ def test_synth_tokenizer_round_trips_every_answer():
     text = tok.apply_chat_template([{"role": "user", "content": "How many flashes were there?"}], tokenize=False,
                                    add_generation_prompt=True)
     assert text.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_largest_shape_stays_unambiguous_on_a_tile_sized_canvas():
+    # on a 24-px canvas the other shapes sit at the 4-px minimum, so the largest is raised to 7 px
+    for i in range(200):
+        scene = S.make_scene(np.random.default_rng(i), (24, 24), with_code=False, clutter=4, min_shapes=1)
+        sides = [s["box"][2] for s in scene["shapes"]]
+        assert sides[0] >= 1.6 * max(sides[1:], default=0), sides

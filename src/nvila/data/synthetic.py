@@ -130,7 +130,8 @@ def make_scene(rng: np.random.Generator, canvas: tuple[int, int], *, code_length
                largest_colour: str | None = None) -> dict:
     """A random scene description: grey clutter, coloured shapes, optionally a code box.
 
-    One shape is clearly the largest (side >= 1.6x every other side, so also the largest area).
+    One shape is clearly the largest (side >= 1.6x every other side, so also the largest area; on a
+    small canvas, where the other shapes sit at the 4-px minimum, the largest is raised to keep it).
     Shapes, clutter and the code box do not overlap one another's bounding boxes (clutter may
     overlap clutter).
 
@@ -161,10 +162,11 @@ def make_scene(rng: np.random.Generator, canvas: tuple[int, int], *, code_length
         taken.append(box)
         code = {"text": text, "box": list(box), "ink_xy": [box[0] + pad, box[1] + pad], "glyph_scale": glyph_scale}
     n = int(rng.integers(min_shapes, max_shapes + 1))
-    sizes = [int(side * rng.uniform(0.20, 0.26))] + [int(side * rng.uniform(0.07, 0.12)) for _ in range(n - 1)]
+    sizes = [max(4, int(side * rng.uniform(0.20, 0.26)))] + [max(4, int(side * rng.uniform(0.07, 0.12)))
+                                                              for _ in range(n - 1)]
+    sizes[0] = max(sizes[0], -(-16 * max(sizes[1:], default=0) // 10))  # ceil(1.6 x the next largest)
     shapes = []
     for i, s in enumerate(sizes):
-        s = max(s, 4)
         kind = SHAPES[int(rng.integers(len(SHAPES)))]
         colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
         if i == 0 and largest_colour is not None:
