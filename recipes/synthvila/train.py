@@ -56,9 +56,6 @@ MODES = {
 ALL = {"fine_code": 1, "coarse_colour": 1, "coarse_count": 1, "coarse_shape": 1, "compare_count": 1,
        "compare_colour": 1, "video_colour": 1, "video_order": 1, "video_count": 1}
 IMAGES = {k: v for k, v in ALL.items() if not k.startswith("video")}
-# stage -> recipe YAML, where the stage is not named after its recipe
-RECIPE = {name: "stage2_llm" for name in ("stage2a_colour", "stage2b_shape", "stage2c_count", "stage2d_compare",
-                                           "stage2e_video_colour", "stage2f_video_events", "stage2g_fine")}
 # Stage 2 curriculum: one new family group per sub-stage, replaying the groups already learned. The
 # new group gets NEW_SHARE of the sampled records (a family learned alone within ~60 steps, and not
 # at all at a weight of 3 against the replay, about a 20 % share).
@@ -67,6 +64,9 @@ _CURRICULUM = [("stage2a_colour", ["coarse_colour"]), ("stage2b_shape", ["coarse
                ("stage2e_video_colour", ["video_colour"]), ("stage2f_video_events", ["video_count", "video_order"]),
                ("stage2g_fine", ["fine_code"])]
 NEW_SHARE = 0.6
+STAGE2 = [name for name, _ in _CURRICULUM]
+# stage -> recipe YAML, where the stage is not named after its recipe
+RECIPE = {name: "stage2_llm" for name in STAGE2}
 
 
 def _curriculum(sizes: dict[str, int]) -> dict[str, dict[str, int]]:
@@ -96,8 +96,7 @@ def mixtures(sizes: dict[str, int]) -> dict[str, dict[str, int]]:
 
 # Every stage that trains the LLM starts from a mean-centred projector (synthvila.centre_projector).
 # VEP (LLM frozen) starts where stage 2 ends: a frozen LLM cannot follow the shift.
-CENTRED = ("stage2a_colour", "stage2b_shape", "stage2c_count", "stage2d_compare", "stage2e_video_colour",
-           "stage2f_video_events", "stage2g_fine", "stage4_image_sft", "stage5_video_sft", "stage6_joint_sft")
+CENTRED = (*STAGE2, "stage4_image_sft", "stage5_video_sft", "stage6_joint_sft")
 
 
 def _metrics(final: Path) -> list[dict]:

@@ -242,14 +242,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         optimizer.zero_grad(set_to_none=True)
         skipped = sum(stream.skipped.values())
         ce_sum, tokens, skipped_all, *by_source = D.all_sum([ce_total, local_tokens, skipped, *by_source])
+        present = [(name, s, c) for name, s, c in zip(dataset.names, by_source[:n_sets], by_source[n_sets:]) if c > 0]
         elapsed = time.perf_counter() - t0
         record = {"step": step + 1, "loss": ce_sum / max(n_targets, 1), "grad_norm": grad_norm,
                   "lr": lrs, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
                   "memory_mib": _peak_memory_mib(device), "skipped": int(skipped_all),
-                  "loss_by_dataset": {name: by_source[k] / by_source[n_sets + k]
-                                      for k, name in enumerate(dataset.names) if by_source[n_sets + k] > 0},
-                  "targets_by_dataset": {name: int(by_source[n_sets + k])
-                                         for k, name in enumerate(dataset.names) if by_source[n_sets + k] > 0}}
+                  "loss_by_dataset": {name: s / c for name, s, c in present},
+                  "targets_by_dataset": {name: int(c) for name, _, c in present}}
         if info.is_main:
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
