@@ -62,7 +62,13 @@ def test_patch_labels_pool_a_known_layout():
 
 
 def test_small_preset_sizes_and_unknown_preset():
-    assert S.preset_options("fine_code", "small")["canvas"] == (72, 72)
+    from nvila.tiny import SYNTH_SCALES, SYNTH_TILE
+
+    assert S.preset_options("fine_code", "small")["canvas"] == (SYNTH_SCALES[-1],) * 2
+    # a multi-image prompt gets one tile per image: comparison images are drawn at the tile size,
+    # so no resize shrinks their shapes
+    assert S.preset_options("compare_count", "small")["canvas"] == (SYNTH_TILE, SYNTH_TILE)
+    assert S.preset_options("compare_colour", "small")["canvas"] == (SYNTH_TILE, SYNTH_TILE)
     assert S.preset_options("video_order", "small")["frames"] == 31
     assert S.preset_options("fine_code", "paper") == {}
     with pytest.raises(ValueError, match="valid: paper, small"):

@@ -403,11 +403,13 @@ FAMILIES: dict[str, Family] = {name: Family(name, kind, build, dict(defaults), e
 
 
 # Size presets: "paper" is the published geometry (448-px tiles, the family defaults); "small" is the
-# bundled SynthVILA model's (24-px tiles, Dynamic-S2 over 24/72 px, 16 of 31 video frames).
+# bundled SynthVILA model's (24-px tiles, Dynamic-S2 over 24/72 px, 16 of 31 video frames). Comparison
+# images are drawn at the tile size: a multi-image prompt gets one tile per image, and a larger image
+# resized to one tile shrinks the small shapes to 2-3 px (the shape count was not learned from them).
 SIZE_PRESETS: dict[str, dict[str, dict]] = {
     "paper": {},
     "small": {"image": {"canvas": (72, 72), "code_length": 3, "glyph_scale": 1, "clutter": 8, "noise": 8.0},
-              "multi_image": {"canvas": (72, 72), "clutter": 4, "noise": 8.0},
+              "multi_image": {"canvas": (24, 24), "clutter": 4, "noise": 8.0},
               "video": {"frames": 31, "size": 24, "noise": 6.0, "flash": (2, 2), "min_gap": 7}},
 }
 
