@@ -185,3 +185,30 @@ def test_largest_shape_stays_unambiguous_on_a_tile_sized_canvas():
         scene = S.make_scene(np.random.default_rng(i), (24, 24), with_code=False, clutter=4, min_shapes=1)
         sides = [s["box"][2] for s in scene["shapes"]]
         assert sides[0] >= 1.6 * max(sides[1:], default=0), sides
+
+
+def test_code_at_fixes_the_code_box_and_the_code_stays_legible(tmp_path):
+    opts = {**S.preset_options("fine_code", "small"), "code_at": (4, 4), "noise": 0.0}
+    for r in _records(S.generate("fine_code", 6, tmp_path, 5, **opts)):
+        code = r["meta"]["scene"]["code"]
+        assert code["box"][:2] == [4, 4]
+        img = np.asarray(Image.open(tmp_path / r["image"]).convert("RGB"))
+        assert read_code(img, code) == r["conversations"][1]["value"]
+    with pytest.raises(ValueError, match="does not fit the 72x72 canvas"):
+        S.make_scene(np.random.default_rng(0), (72, 72), code_length=3, code_at=(60, 4))
+
+
+def test_code_repeat_fills_the_box_with_the_code_and_is_fine_code_only(tmp_path):
+    opts = {**S.preset_options("fine_code", "small"), "code_at": (4, 4), "code_repeat": (3, 4), "noise": 0.0}
+    for r in _records(S.generate("fine_code", 4, tmp_path, 2, **opts)):
+        scene, text = r["meta"]["scene"], r["conversations"][1]["value"]
+        img = np.asarray(Image.open(tmp_path / r["image"]).convert("RGB"))
+        rows = S.code_rows(scene["code"])
+        assert len(rows) == 4
+        for line, x, y in rows:  # every row is the code with each character three times
+            assert line == "".join(ch * 3 for ch in text)
+            assert read_code(img, {"glyph_scale": 1, "ink_xy": [x, y], "text": line}) == line
+        labels = S.scene_label_maps(scene)["glyph"]
+        assert (labels > 0).sum() == 3 * 3 * 4  # one label per drawn glyph
+    with pytest.raises(ValueError, match="fine_code curriculum option"):
+        S.generate("coarse_colour", 1, tmp_path, 2, **opts)

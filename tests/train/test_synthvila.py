@@ -123,3 +123,22 @@ def test_centre_projector_removes_the_mean_visual_token_and_nothing_else(smoke_r
     a, b = (NVILAForConditionalGeneration.from_pretrained(p).state_dict() for p in (start, centred))
     changed = [k for k in a if not torch.equal(a[k], b[k])]
     assert len(changed) == 1 and changed[0].startswith("mm_projector.") and changed[0].endswith(".bias")
+
+
+def test_make_data_skips_a_repeat_and_regenerates_when_the_preset_changes(tmp_path, monkeypatch):
+    from nvila.data import synthetic
+    from nvila.train.synthvila import make_data
+
+    sizes = {"compare_count": 2}
+    out = make_data(tmp_path, sizes)
+    first = (out / "compare_count.jsonl").read_text()
+    canvas = json.loads(first.splitlines()[0])["meta"]["scene"][0]["canvas"]
+    assert canvas == list(synthetic.preset_options("compare_count", "small")["canvas"])
+    (out / "compare_count.jsonl").write_text("sentinel")
+    make_data(tmp_path, sizes)  # same arguments and options: a no-op
+    assert (out / "compare_count.jsonl").read_text() == "sentinel"
+    small = {**synthetic.SIZE_PRESETS["small"], "multi_image": {"canvas": (30, 30), "clutter": 4, "noise": 8.0}}
+    monkeypatch.setitem(synthetic.SIZE_PRESETS, "small", small)
+    make_data(tmp_path, sizes)  # the preset's options changed: regenerated
+    record = json.loads((out / "compare_count.jsonl").read_text().splitlines()[0])
+    assert record["meta"]["scene"][0]["canvas"] == [30, 30]

@@ -100,6 +100,19 @@ def render_code(canvas: np.ndarray, code: str, x: int, y: int, glyph_scale: int)
         canvas[y:y + mask.shape[0], x0:x0 + mask.shape[1]][mask] = INK
 
 
+def code_rows(code: dict) -> list[tuple[str, int, int]]:
+    """The drawn lines of a scene's code entry: ``(text, x, y)`` per line, top-left of its ink.
+
+    A code with ``repeat`` ``[rx, ry]`` (a curriculum variant) draws each character ``rx`` times in
+    a row and the row ``ry`` times, one font pixel apart; without it, the code is one line.
+    """
+    rx, ry = code.get("repeat", (1, 1))
+    g = code["glyph_scale"]
+    x, y = code["ink_xy"]
+    line = "".join(ch * rx for ch in code["text"])
+    return [(line, x, y + r * (GLYPH_H + 1) * g) for r in range(ry)]
+
+
 # ---------------------------------------------------------------------------------------- scenes
 def _shape_mask(kind: str, s: int) -> np.ndarray:
     """An (s, s) boolean mask of a square, a circle or an upward triangle."""
@@ -126,8 +139,9 @@ def _place(rng: np.random.Generator, w: int, h: int, W: int, H: int, taken: list
 
 
 def make_scene(rng: np.random.Generator, canvas: tuple[int, int], *, code_length: int = 4, glyph_scale: int = 1,
-               clutter: int = 40, with_code: bool = True, min_shapes: int = 2, max_shapes: int = 6,
-               largest_colour: str | None = None) -> dict:
+               clutter: int = 40, with_code: bool = True, code_at: tuple[int, int] | None = None,
+               code_repeat: tuple[int, int] = (1, 1),
+               min_shapes: int = 2, max_shapes: int = 6, largest_colour: str | None = None) -> dict:
     """A random scene description: grey clutter, coloured shapes, optionally a code box.
 
     One shape is clearly the largest (side >= 1.6x every other side, so also the largest area; on a
@@ -142,6 +156,9 @@ def make_scene(rng: np.random.Generator, canvas: tuple[int, int], *, code_length
         glyph_scale: canvas pixels per font pixel.
         clutter: number of grey clutter rectangles.
         with_code: draw a white code box.
+        code_at: the code box's top-left corner ``(x, y)``; None places it at random.
+        code_repeat: ``(rx, ry)``: draw each character ``rx`` times in a row and the row ``ry``
+            times (a curriculum variant where the glyphs fill a large box); ``(1, 1)`` is the code.
         min_shapes / max_shapes: shape count range (inclusive).
         largest_colour: force the largest shape's colour.
     Returns:
@@ -154,13 +171,23 @@ def make_scene(rng: np.random.Generator, canvas: tuple[int, int], *, code_length
     code = None
     if with_code:
         text = "".join(rng.choice(list(CODE_ALPHABET), size=code_length).tolist())
-        cw, ch = code_size(code_length, glyph_scale)
+        rx, ry = code_repeat
+        cw, ch = code_size(code_length * rx, glyph_scale)
+        ch = ry * (GLYPH_H + 1) * glyph_scale - glyph_scale
         pad = 2 * glyph_scale
-        box = _place(rng, cw + 2 * pad, ch + 2 * pad, W, H, taken, 0)
+        bw, bh = cw + 2 * pad, ch + 2 * pad
+        if code_at is None:
+            box = _place(rng, bw, bh, W, H, taken, 0)
+        else:
+            box = (int(code_at[0]), int(code_at[1]), bw, bh)
+            if not (0 <= box[0] <= W - bw and 0 <= box[1] <= H - bh):
+                raise ValueError(f"a {bw}x{bh} code box at {tuple(code_at)} does not fit the {W}x{H} canvas")
         if box is None:
             raise ValueError(f"canvas {W}x{H} is too small for a {code_length}-character code")
         taken.append(box)
         code = {"text": text, "box": list(box), "ink_xy": [box[0] + pad, box[1] + pad], "glyph_scale": glyph_scale}
+        if (rx, ry) != (1, 1):
+            code["repeat"] = [rx, ry]
     n = int(rng.integers(min_shapes, max_shapes + 1))
     sizes = [max(4, int(side * rng.uniform(0.20, 0.26)))] + [max(4, int(side * rng.uniform(0.07, 0.12)))
                                                               for _ in range(n - 1)]
@@ -206,7 +233,8 @@ def render_scene(scene: dict, noise: float = 0.0, rng: np.random.Generator | Non
     if scene["code"] is not None:
         x, y, w, h = scene["code"]["box"]
         img[y:y + h, x:x + w] = PAPER
-        render_code(img, scene["code"]["text"], *scene["code"]["ink_xy"], scene["code"]["glyph_scale"])
+        for line, x, y in code_rows(scene["code"]):
+            render_code(img, line, x, y, scene["code"]["glyph_scale"])
     if noise > 0:
         img = np.clip(img + rng.normal(0.0, noise, img.shape), 0, 255).astype(np.uint8)
     return img
@@ -230,17 +258,16 @@ def scene_label_maps(scene: dict) -> dict[str, np.ndarray]:
     code = scene["code"]
     if code is not None:
         g = code["glyph_scale"]
-        x0, y0 = code["ink_xy"]
-        for k, ch in enumerate(code["text"]):
-            maps["glyph"][y0 + 2 * g + g // 2, x0 + k * (GLYPH_W + 1) * g + g + g // 2] = 1 + int(ch)
+        for line, x0, y0 in code_rows(code):
+            for k, ch in enumerate(line):
+                maps["glyph"][y0 + 2 * g + g // 2, x0 + k * (GLYPH_W + 1) * g + g + g // 2] = 1 + int(ch)
     return maps
 
 
 def scene_answer(family: str, scene: dict) -> str:
     """The answer of an image family's question about ``scene`` (largest shape first)."""
-    largest = scene["shapes"][0]
-    return {"fine_code": lambda: scene["code"]["text"], "coarse_colour": lambda: largest["colour"],
-            "coarse_count": lambda: str(len(scene["shapes"])), "coarse_shape": lambda: largest["shape"]}[family]()
+    return {"fine_code": lambda: scene["code"]["text"], "coarse_colour": lambda: scene["shapes"][0]["colour"],
+            "coarse_count": lambda: str(len(scene["shapes"])), "coarse_shape": lambda: scene["shapes"][0]["shape"]}[family]()
 
 
 # ---------------------------------------------------------------------------------------- videos
@@ -332,8 +359,13 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 def _image_sample(family: str, seed: int, i: int, media: Path, rel: str, opts: dict) -> tuple[dict, list[str]]:
     rng = np.random.default_rng([seed, 0, i])  # shared by every image family: same seed, same images
+    at, repeat = opts["code_at"], tuple(opts["code_repeat"])
+    if repeat != (1, 1) and family != "fine_code":
+        raise ValueError(f"code_repeat is a fine_code curriculum option; {family} asks about the shapes")
+    # a repeated code fills most of the canvas: the shapes go where there is room, possibly nowhere
     scene = make_scene(rng, tuple(opts["canvas"]), code_length=opts["code_length"], glyph_scale=opts["glyph_scale"],
-                       clutter=opts["clutter"])
+                       clutter=opts["clutter"], code_at=None if at is None else tuple(at), code_repeat=repeat,
+                       min_shapes=2 if repeat == (1, 1) else 0)
     _save_png(render_scene(scene, opts["noise"], rng), media / f"{i:07d}.png")
     return {"image": f"{rel}/{i:07d}.png", "scene": scene}, [scene_answer(family, scene)]
 
@@ -387,7 +419,8 @@ class Family:
         return QUESTIONS[self.name]
 
 
-_IMAGE = {"canvas": (1344, 1344), "code_length": 4, "glyph_scale": 1, "clutter": 40, "noise": 0.0}
+_IMAGE = {"canvas": (1344, 1344), "code_length": 4, "glyph_scale": 1, "clutter": 40, "noise": 0.0, "code_at": None,
+          "code_repeat": (1, 1)}
 _COMPARE = {"canvas": (448, 448), "clutter": 10, "noise": 0.0}
 _VIDEO = {"frames": 64, "size": 32, "noise": 6.0, "flash": (3, 4), "min_gap": 8}
 
@@ -408,7 +441,8 @@ FAMILIES: dict[str, Family] = {name: Family(name, kind, build, dict(defaults), e
 # resized to one tile shrinks the small shapes to 2-3 px (the shape count was not learned from them).
 SIZE_PRESETS: dict[str, dict[str, dict]] = {
     "paper": {},
-    "small": {"image": {"canvas": (72, 72), "code_length": 3, "glyph_scale": 1, "clutter": 8, "noise": 8.0},
+    "small": {"image": {"canvas": (72, 72), "code_length": 3, "glyph_scale": 1, "clutter": 8, "noise": 8.0,
+                        "code_at": (4, 4)},
               "multi_image": {"canvas": (24, 24), "clutter": 4, "noise": 8.0},
               "video": {"frames": 31, "size": 24, "noise": 6.0, "flash": (2, 2), "min_gap": 7}},
 }
@@ -429,7 +463,8 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def generate(family: str, n: int, out_dir: str | os.PathLike, seed: int, **size_options) -> Path:
+def generate(family: str, n: int, out_dir: str | os.PathLike, seed: int, *, split: str | None = None,
+             **size_options) -> Path:
     """Write ``n`` samples of ``family`` (media and a JSONL file) under ``out_dir``.
 
     Args:
@@ -437,12 +472,16 @@ def generate(family: str, n: int, out_dir: str | os.PathLike, seed: int, **size_
         n: number of samples.
         out_dir: destination directory (created); the family's media go to ``out_dir/<family>/``.
         seed: the split seed (``FAMILIES[family].eval_seed`` for the eval split).
+        split: the name of the JSONL file and the media directory (default: the family's), so
+            variants of one family can share ``out_dir``; records keep ``meta.family``.
         **size_options: overrides of the family's ``defaults``. Image families: ``canvas``
-            ``(W, H)``, ``code_length``, ``glyph_scale``, ``clutter``, ``noise``; comparison:
+            ``(W, H)``, ``code_length``, ``glyph_scale``, ``clutter``, ``noise``, ``code_at`` (the
+            code box's top-left corner, or None for a random place), ``code_repeat`` (``(rx, ry)``,
+            fine_code only: each character drawn ``rx`` times and the row ``ry`` times); comparison:
             ``canvas``, ``clutter``, ``noise``; video: ``frames``, ``size``, ``noise``, ``flash``
             (shortest, longest) and ``min_gap`` in frames.
     Returns:
-        The JSONL path, ``out_dir/<family>.jsonl``.
+        The JSONL path, ``out_dir/<split>.jsonl``.
     Raises:
         ValueError: an unknown family or size option, ``n < 1``, or sizes too small for the task.
     """
@@ -454,15 +493,16 @@ def generate(family: str, n: int, out_dir: str | os.PathLike, seed: int, **size_
         raise ValueError(f"n must be >= 1, got {n}")
     opts = {**fam.defaults, **size_options}
     out = Path(out_dir)
-    media = out / family
+    split = split or family
+    media = out / split
     media.mkdir(parents=True, exist_ok=True)
-    path = out / f"{family}.jsonl"
+    path = out / f"{split}.jsonl"
     markers = {"image": "<image>\n", "multi_image": "<image>\n<image>\n", "video": "<video>\n"}[fam.kind]
     with path.open("w", encoding="utf-8") as f:
         for i in range(n):
-            fields, (answer,) = fam.build(family, seed, i, media, family, opts)
+            fields, (answer,) = fam.build(family, seed, i, media, split, opts)
             scene = fields.pop("scene")
-            record = {"id": f"{family}-{i:07d}", **fields,
+            record = {"id": f"{split}-{i:07d}", **fields,
                       "conversations": [{"from": "human", "value": markers + fam.question},
                                         {"from": "gpt", "value": answer}],
                       "meta": {"family": family, "seed": seed, "index": i, "scene": scene}}

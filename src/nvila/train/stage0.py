@@ -140,6 +140,7 @@ def synthetic_batch(rng: np.random.Generator, config, scenes: int, frames: int, 
     img, vid = preset_options("fine_code", preset), preset_options("video_count", preset)
     pix, labs = [], {k: [] for k in LABEL_KINDS}
     for _ in range(scenes):
+        # the code box at random places (not at the preset's code_at), so every patch position learns glyphs
         scene = make_scene(rng, tuple(img["canvas"]), code_length=img["code_length"], glyph_scale=img["glyph_scale"],
                            clutter=img["clutter"])
         p, lab = scene_tiles(scene, render_scene(scene, img["noise"], rng), config)

@@ -29,23 +29,31 @@ VIDEO_FAMILIES = ("video_colour", "video_order", "video_count")
 PUBLISHED = ("config.json", "llm", "vision_tower", "mm_projector")
 
 
-def make_data(out_dir: str | os.PathLike, sizes: dict[str, int], *, preset: str = "small", seed: int = 1) -> Path:
+def make_data(out_dir: str | os.PathLike, sizes: dict[str, int], *, preset: str = "small", seed: int = 1,
+              variants: dict[str, tuple[str, dict]] | None = None) -> Path:
     """Generate train splits (family -> samples) and the text-only corpus under ``out_dir``.
 
     Each family gets its own seed (``seed + index``), so the image families do not repeat one
-    another's images. A ``done.json`` marker with the arguments makes a repeated call a no-op.
+    another's images. ``variants`` adds splits ``name -> (family, size options over the preset)``
+    of ``sizes[name]`` samples each (curriculum data: ``out_dir/<name>.jsonl``), from the family's
+    seed. A ``done.json`` marker with the arguments and the preset's size options makes a repeated
+    call a no-op, and a changed preset regenerate the data.
     """
     from nvila.data.synthetic import FAMILIES, generate, preset_options
 
     out = Path(out_dir)
     marker = out / "done.json"
-    want = {"sizes": sizes, "preset": preset, "seed": seed}
+    variants = variants or {}
+    options = {name: preset_options(variants[name][0] if name in variants else name, preset) for name in sizes}
+    want = json.loads(json.dumps({"sizes": sizes, "preset": preset, "options": options, "seed": seed,
+                                  "variants": variants}))
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return out
     out.mkdir(parents=True, exist_ok=True)
     names = list(FAMILIES)
     for name, n in sizes.items():
-        generate(name, n, out, seed + names.index(name), **preset_options(name, preset))
+        family, extra = variants.get(name, (name, {}))
+        generate(family, n, out, seed + names.index(family), split=name, **{**options[name], **extra})
     write_text_corpus(out / "text.jsonl", n=4000, seed=seed)
     marker.write_text(json.dumps(want))
     return out
