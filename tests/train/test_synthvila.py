@@ -142,3 +142,15 @@ def test_make_data_skips_a_repeat_and_regenerates_when_the_preset_changes(tmp_pa
     make_data(tmp_path, sizes)  # the preset's options changed: regenerated
     record = json.loads((out / "compare_count.jsonl").read_text().splitlines()[0])
     assert record["meta"]["scene"][0]["canvas"] == [30, 30]
+
+
+def test_make_data_writes_curriculum_variants_as_their_own_splits(tmp_path):
+    from nvila.train.synthvila import make_data
+
+    out = make_data(tmp_path, {"fine_code": 2, "fine_fill2x2": 2},
+                    variants={"fine_fill2x2": ("fine_code", {"code_repeat": (2, 2)})})
+    plain, fill = (json.loads((out / f"{n}.jsonl").read_text().splitlines()[0]) for n in ("fine_code", "fine_fill2x2"))
+    assert plain["meta"]["family"] == fill["meta"]["family"] == "fine_code"
+    assert "repeat" not in plain["meta"]["scene"]["code"] and fill["meta"]["scene"]["code"]["repeat"] == [2, 2]
+    assert fill["image"].startswith("fine_fill2x2/") and (out / fill["image"]).is_file()
+    assert fill["conversations"][1]["value"] == fill["meta"]["scene"]["code"]["text"]

@@ -172,8 +172,8 @@ def make_scene(rng: np.random.Generator, canvas: tuple[int, int], *, code_length
     if with_code:
         text = "".join(rng.choice(list(CODE_ALPHABET), size=code_length).tolist())
         rx, ry = code_repeat
-        cw, ch = code_size(code_length * rx, glyph_scale)
-        ch = ry * (GLYPH_H + 1) * glyph_scale - glyph_scale
+        cw = code_size(code_length * rx, glyph_scale)[0]
+        ch = ry * (GLYPH_H + 1) * glyph_scale - glyph_scale  # ry lines, one font pixel apart
         pad = 2 * glyph_scale
         bw, bh = cw + 2 * pad, ch + 2 * pad
         if code_at is None:
@@ -266,8 +266,9 @@ def scene_label_maps(scene: dict) -> dict[str, np.ndarray]:
 
 def scene_answer(family: str, scene: dict) -> str:
     """The answer of an image family's question about ``scene`` (largest shape first)."""
-    return {"fine_code": lambda: scene["code"]["text"], "coarse_colour": lambda: scene["shapes"][0]["colour"],
-            "coarse_count": lambda: str(len(scene["shapes"])), "coarse_shape": lambda: scene["shapes"][0]["shape"]}[family]()
+    answers = {"fine_code": lambda: scene["code"]["text"], "coarse_colour": lambda: scene["shapes"][0]["colour"],
+               "coarse_count": lambda: str(len(scene["shapes"])), "coarse_shape": lambda: scene["shapes"][0]["shape"]}
+    return answers[family]()
 
 
 # ---------------------------------------------------------------------------------------- videos
@@ -439,6 +440,8 @@ FAMILIES: dict[str, Family] = {name: Family(name, kind, build, dict(defaults), e
 # bundled SynthVILA model's (24-px tiles, Dynamic-S2 over 24/72 px, 16 of 31 video frames). Comparison
 # images are drawn at the tile size: a multi-image prompt gets one tile per image, and a larger image
 # resized to one tile shrinks the small shapes to 2-3 px (the shape count was not learned from them).
+# The code box sits at a fixed place inside the first high-res tile: the small model learns to read
+# the code there, but not to find a box that moves (measured; ``code_at=None`` is the moving box).
 SIZE_PRESETS: dict[str, dict[str, dict]] = {
     "paper": {},
     "small": {"image": {"canvas": (72, 72), "code_length": 3, "glyph_scale": 1, "clutter": 8, "noise": 8.0,
