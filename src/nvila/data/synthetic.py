@@ -87,9 +87,10 @@ def glyph_bitmap(ch: str) -> np.ndarray:
     return np.array([[c == "#" for c in row] for row in FONT[ch]], dtype=bool)
 
 
-def code_size(length: int, glyph_scale: int) -> tuple[int, int]:
-    """(width, height) in pixels of a ``length``-character code, one font pixel of gap between glyphs."""
-    return (length * (GLYPH_W + 1) - 1) * glyph_scale, GLYPH_H * glyph_scale
+def code_size(length: int, glyph_scale: int, lines: int = 1) -> tuple[int, int]:
+    """(width, height) in pixels of ``lines`` lines of ``length`` characters, one font pixel of gap
+    between glyphs and between lines."""
+    return (length * (GLYPH_W + 1) - 1) * glyph_scale, (lines * (GLYPH_H + 1) - 1) * glyph_scale
 
 
 def render_code(canvas: np.ndarray, code: str, x: int, y: int, glyph_scale: int) -> None:
@@ -172,8 +173,7 @@ def make_scene(rng: np.random.Generator, canvas: tuple[int, int], *, code_length
     if with_code:
         text = "".join(rng.choice(list(CODE_ALPHABET), size=code_length).tolist())
         rx, ry = code_repeat
-        cw = code_size(code_length * rx, glyph_scale)[0]
-        ch = ry * (GLYPH_H + 1) * glyph_scale - glyph_scale  # ry lines, one font pixel apart
+        cw, ch = code_size(code_length * rx, glyph_scale, lines=ry)
         pad = 2 * glyph_scale
         bw, bh = cw + 2 * pad, ch + 2 * pad
         if code_at is None:
@@ -360,12 +360,12 @@ def _save_png(array: np.ndarray, path: Path) -> None:
 
 def _image_sample(family: str, seed: int, i: int, media: Path, rel: str, opts: dict) -> tuple[dict, list[str]]:
     rng = np.random.default_rng([seed, 0, i])  # shared by every image family: same seed, same images
-    at, repeat = opts["code_at"], tuple(opts["code_repeat"])
+    repeat = tuple(opts["code_repeat"])
     if repeat != (1, 1) and family != "fine_code":
         raise ValueError(f"code_repeat is a fine_code curriculum option; {family} asks about the shapes")
     # a repeated code fills most of the canvas: the shapes go where there is room, possibly nowhere
     scene = make_scene(rng, tuple(opts["canvas"]), code_length=opts["code_length"], glyph_scale=opts["glyph_scale"],
-                       clutter=opts["clutter"], code_at=None if at is None else tuple(at), code_repeat=repeat,
+                       clutter=opts["clutter"], code_at=opts["code_at"], code_repeat=repeat,
                        min_shapes=2 if repeat == (1, 1) else 0)
     _save_png(render_scene(scene, opts["noise"], rng), media / f"{i:07d}.png")
     return {"image": f"{rel}/{i:07d}.png", "scene": scene}, [scene_answer(family, scene)]

@@ -44,7 +44,8 @@ def make_data(out_dir: str | os.PathLike, sizes: dict[str, int], *, preset: str 
     out = Path(out_dir)
     marker = out / "done.json"
     variants = variants or {}
-    options = {name: preset_options(variants[name][0] if name in variants else name, preset) for name in sizes}
+    specs = {name: variants.get(name, (name, {})) for name in sizes}  # split -> (family, extra options)
+    options = {name: preset_options(family, preset) for name, (family, _) in specs.items()}
     want = json.loads(json.dumps({"sizes": sizes, "preset": preset, "options": options, "seed": seed,
                                   "variants": variants}))
     if marker.is_file() and json.loads(marker.read_text()) == want:
@@ -52,7 +53,7 @@ def make_data(out_dir: str | os.PathLike, sizes: dict[str, int], *, preset: str 
     out.mkdir(parents=True, exist_ok=True)
     names = list(FAMILIES)
     for name, n in sizes.items():
-        family, extra = variants.get(name, (name, {}))
+        family, extra = specs[name]
         generate(family, n, out, seed + names.index(family), split=name, **{**options[name], **extra})
     write_text_corpus(out / "text.jsonl", n=4000, seed=seed)
     marker.write_text(json.dumps(want))
