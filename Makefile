@@ -3,8 +3,8 @@
 #   make test      set up .venv with every extra (if needed) and run the default test suite (no slow tests)
 #   make test-all  same, including tests marked slow
 #   make bench     run every benchmarks/bench_*.py
-#   make synthvila retrain the bundled SynthVILA model (recipes/synthvila/train.py, ~100 min)
-#   make ablations the scale-then-compress ablations on it (benchmarks/ablations.py, ~40 min)
+#   make synthvila retrain the bundled SynthVILA model (recipes/synthvila/train.py, ~110 min)
+#   make ablations the scale-then-compress ablations on it (benchmarks/ablations.py, ~70 min)
 #   make clean     remove build/test caches;  make distclean  also removes .venv and outputs
 #
 # Variables: PYTHON (interpreter used to create .venv), PYTEST_ARGS (extra pytest flags,

@@ -2,6 +2,7 @@
 
     python benchmarks/ablations.py                       # after recipes/synthvila/train.py (~1 h, 1 thread)
     python benchmarks/ablations.py --mode smoke --base /tmp/smoke/stage2g_fine/final --run /tmp/abl
+    python benchmarks/ablations.py --tables 1b --recipe-run runs/synthvila  # the fine-detail trend (~30 min)
 
 Every variant starts from the same shared checkpoint of the SynthVILA recipe (``--base``, default its
 stage 2: ViT after dense pre-training, LLM after text pre-training and after learning to read visual
@@ -16,6 +17,13 @@ steps, batch, learning rates and data order:
   stage X is projector-only for every variant except "3x3 after VEP", whose stage X also trains the
   ViT (NVILA's visual-encoder pre-training). Variants: low-res single tile 2x2; Dynamic-S2 2x2;
   Dynamic-S2 3x3 (projector-only); Dynamic-S2 3x3 after VEP.
+* Table 1b, fine detail inside the recipe: Table 1 trains no stage that teaches the code, and the
+  code stays at chance without the recipe's code curriculum (stages 7a-7d: the code's glyphs
+  repeated to fill a large box, then smaller boxes, then the code itself). So each variant starts
+  from the recipe's stage-6 checkpoint (``--recipe-run``: ViT and LLM after every stage before the
+  curriculum) with a fresh projector (its input width depends on the number of scales), trains it
+  alone for stage P, then runs the recipe's stages 7a-7d as they are (mixtures, steps, YAMLs:
+  everything trains). Variants: low-res single tile; Dynamic-S2 (the recipe's own config).
 * Table 2 analogue (video families): stage P -> stage S, for 4 frames; 16 frames; 16 frames with
   4x temporal pooling (TSP, the same 36 tokens as 4 frames).
 
@@ -56,9 +64,11 @@ TABLE2 = {
     "16 frames": dict(num_video_frames=16, temporal_pool=1),
     "16 frames, 4x temporal pooling": dict(num_video_frames=16, temporal_pool=4),
 }
+TABLE1B = {"low-res": dict(dynamic_s2=False), "Dynamic-S2": dict(dynamic_s2=True)}
+CODE_STAGES = ("stage7a_fill", "stage7b_fill", "stage7c_fill", "stage7d_code")  # the recipe's, in order
 MODES = {
-    "full": dict(p=100, x=100, s=250, video_p=100, video_s=250, batch=16, eval=100),
-    "smoke": dict(p=2, x=2, s=2, video_p=2, video_s=2, batch=4, eval=2),
+    "full": dict(p=100, x=100, s=250, p1b=200, video_p=100, video_s=250, batch=16, eval=100),
+    "smoke": dict(p=2, x=2, s=2, p1b=2, video_p=2, video_s=2, batch=4, eval=2),
 }
 
 
@@ -88,19 +98,36 @@ def tokens_per_video(path: Path) -> int:
 S_LR = ["optim.lr.projector=5e-4", "optim.lr.llm=5e-4"]
 
 
+def recipe_code_stages(mode: str) -> list[tuple]:
+    """The recipe's code-curriculum stages as (name, YAML, mixture, steps, centred), read from
+    ``recipes/synthvila/train.py`` so that Table 1b runs them exactly as the recipe does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("synthvila_recipe", RECIPES / "train.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    from nvila.data.synthetic import FAMILIES
+
+    steps = recipe.MODES[mode]["steps"]
+    sizes = {name: 1 for name in [*FAMILIES, *recipe.FILLS]}  # mixtures' repeats do not depend on sizes here
+    mix = recipe.mixtures(sizes)
+    return [(name, f"{recipe.RECIPE.get(name, name)}.yaml", mix[name], steps[name], (), name in recipe.CENTRED)
+            for name in CODE_STAGES]
+
+
 def train_variant(start: Path, run: Path, data: Path, plan: list[tuple], *, batch: int,
                   threads: int, seed: int, progress: bool) -> tuple[Path, float]:
-    """Run (name, recipe, mixture, steps[, overrides]) stages in order; returns the final checkpoint
-    and the seconds spent. As in the recipe, a stage that trains the LLM (stage S) starts from a
-    mean-centred projector (``centre_projector``)."""
+    """Run (name, recipe, mixture, steps, overrides, centred) stages in order; returns the final
+    checkpoint and the seconds spent. As in the recipe, a stage that trains the LLM is marked
+    centred: it starts from a mean-centred projector (``centre_projector``)."""
     from nvila.train.synthvila import Stage, run_stage
 
     t = time.perf_counter()
     ckpt = start
-    for name, recipe, mixture, steps, *overrides in plan:
-        stage = Stage(name, RECIPES / recipe, mixture, steps, batch, centre=name == "S")
+    for name, recipe, mixture, steps, overrides, centred in plan:
+        stage = Stage(name, RECIPES / recipe, mixture, steps, batch, centre=centred)
         ckpt = run_stage(stage, ckpt, run / name, data,
-                         threads=threads, seed=seed, progress=progress, overrides=overrides[0] if overrides else ())
+                         threads=threads, seed=seed, progress=progress, overrides=overrides)
     return ckpt, time.perf_counter() - t
 
 
@@ -128,6 +155,14 @@ def to_markdown(results: dict) -> str:
     for name, r in results["table1"].items():
         lines.append(f"| {name} | {r['tokens']} | {r['fine']:.3f} | {r['fine_digits']:.3f} | {r['coarse']:.3f} | "
                      f"{r['train_s'] / 60:.1f} min |")
+    if results.get("table1b"):
+        lines += ["", "Table 1b: fine detail after the recipe's code curriculum (stages 7a-7d from its stage-6 "
+                  "checkpoint; held-out exact match)", "",
+                  "| variant | visual tokens / image | fine detail (fine_code) | fine_code per digit |"
+                  " coarse (colour, count, shape) | train time |", "|---|---:|---:|---:|---:|---:|"]
+        for name, r in results["table1b"].items():
+            lines.append(f"| {name} | {r['tokens']} | {r['fine']:.3f} | {r['fine_digits']:.3f} | {r['coarse']:.3f} | "
+                         f"{r['train_s'] / 60:.1f} min |")
     lines += ["", "Table 2 analogue: frames and temporal pooling (held-out exact match)", "",
               "| variant | visual tokens / video | video_colour | video_order | video_count | all video |"
               " train time |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -144,8 +179,8 @@ def plot(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
-    t1 = results["table1"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 4.4), gridspec_kw={"width_ratios": [3, 2]})
+    t1 = {**results["table1"], **{f"1b: {n} + code curriculum": r for n, r in results.get("table1b", {}).items()}}
     names = list(t1)
     x = range(len(names))
     a.bar([i - 0.27 for i in x], [t1[n]["fine"] for n in names], 0.27, label="fine_code exact")
@@ -180,9 +215,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="shared checkpoint (default: the end of stage 2, 2g, of recipes/synthvila/train.py --out runs/synthvila)")
     parser.add_argument("--data", type=Path, default=None,
                         help="SynthVILA train data (default: the data/ directory of the recipe run of --base)")
+    parser.add_argument("--recipe-run", type=Path, default=Path("runs/synthvila"),
+                        help="Table 1b: a full recipes/synthvila/train.py run directory (its stage6_count "
+                             "checkpoint and data/ with the code-curriculum splits)")
     parser.add_argument("--run", type=Path, default=Path("runs/ablations"), help="output directory")
     parser.add_argument("--mode", choices=sorted(MODES), default="full")
-    parser.add_argument("--tables", default="1,2", help="which tables to run: 1, 2 or 1,2")
+    parser.add_argument("--tables", default="1,1b,2", help="which tables to run, comma-separated: 1, 1b, 2")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
@@ -194,23 +232,36 @@ def main(argv: list[str] | None = None) -> int:
     from nvila.eval import evaluate
     from nvila.data.synthetic import generate_eval_splits
 
-    if not (args.base / "config.json").is_file():
-        sys.stderr.write(f"ablations: error: no shared checkpoint at {args.base}; run "
-                         f"`python recipes/synthvila/train.py --out runs/synthvila` first (or pass --base)\n")
+    tables = {t.strip() for t in args.tables.split(",")}
+    if tables - {"1", "1b", "2"}:
+        sys.stderr.write(f"ablations: error: unknown table {sorted(tables - {'1', '1b', '2'})}; valid: 1, 1b, 2\n")
         return 2
+    data = args.data or args.base.parents[1] / "data"
+    if tables & {"1", "2"}:
+        if not (args.base / "config.json").is_file():
+            sys.stderr.write(f"ablations: error: no shared checkpoint at {args.base}; run "
+                             f"`python recipes/synthvila/train.py --out runs/synthvila` first (or pass --base)\n")
+            return 2
+        if not (data / "done.json").is_file():
+            sys.stderr.write(f"ablations: error: no SynthVILA train data at {data} (pass --data: the data/ "
+                             f"directory of a recipes/synthvila/train.py run)\n")
+            return 2
+    base1b, data1b = args.recipe_run / "stage6_count" / "final", args.recipe_run / "data"
+    if "1b" in tables:
+        missing = [f for _, _, mix, *_ in recipe_code_stages(args.mode) for f in mix
+                   if not (data1b / f"{f}.jsonl").is_file()]
+        if not (base1b / "config.json").is_file() or missing:
+            sys.stderr.write(f"ablations: error: Table 1b needs a recipes/synthvila/train.py run with its stage-6 "
+                             f"checkpoint ({base1b}) and the code-curriculum data ({data1b}); pass --recipe-run\n")
+            return 2
     torch.set_num_threads(args.threads)
     mode = MODES[args.mode]
-    data = args.data or args.base.parents[1] / "data"
-    if not (data / "done.json").is_file():
-        sys.stderr.write(f"ablations: error: no SynthVILA train data at {data} (pass --data: the data/ directory "
-                         f"of a recipes/synthvila/train.py run)\n")
-        return 2
     run = args.run
     run.mkdir(parents=True, exist_ok=True)
     results_path = run / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {"table1": {}, "table2": {}}
-    results["mode"], results["base"] = args.mode, str(args.base)
-    tables = {t.strip() for t in args.tables.split(",")}
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = {"table1": {}, "table1b": {}, "table2": {}, **results}
+    results["mode"], results["base"], results["recipe_run"] = args.mode, str(args.base), str(args.recipe_run)
     kw = dict(batch=mode["batch"], threads=args.threads, seed=args.seed, progress=not args.no_progress)
 
     if "1" in tables:
@@ -220,15 +271,32 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             vdir = run / f"t1-{k}"
             start = _variant_start(args.base, vdir / "init", args.seed, options)
-            plan = [("P", "stage1_projector.yaml", IMAGE_TRAIN, mode["p"]),
-                    ("X", "stage3_vep.yaml" if vep else "stage1_projector.yaml", IMAGE_TRAIN, mode["x"]),
-                    ("S", "stage2_llm.yaml", IMAGE_TRAIN, mode["s"], S_LR)]
+            plan = [("P", "stage1_projector.yaml", IMAGE_TRAIN, mode["p"], (), False),
+                    ("X", "stage3_vep.yaml" if vep else "stage1_projector.yaml", IMAGE_TRAIN, mode["x"], (), False),
+                    ("S", "stage2_llm.yaml", IMAGE_TRAIN, mode["s"], S_LR, True)]
             final, secs = train_variant(start, vdir, data, plan, **kw)
             res = evaluate(final, split, progress=not args.no_progress)
             results["table1"][name] = {"tokens": tokens_per_image(final), "fine": accuracy(res, FINE),
                                        "fine_digits": digit_accuracy(res),
                                        "coarse": accuracy(res, COARSE), "train_s": secs,
                                        "per_family": {f: v["accuracy"] for f, v in res["families"].items()}}
+            results_path.write_text(json.dumps(results, indent=2))
+
+    if "1b" in tables:
+        split = generate_eval_splits([*FINE, *COARSE], mode["eval"], run / "eval-image")
+        for k, (name, options) in enumerate(TABLE1B.items()):
+            if name in results["table1b"]:
+                continue
+            vdir = run / f"t1b-{k}"
+            start = _variant_start(base1b, vdir / "init", args.seed, options)
+            plan = [("P", "stage1_projector.yaml", IMAGE_TRAIN, mode["p1b"], (), False),
+                    *recipe_code_stages(args.mode)]
+            final, secs = train_variant(start, vdir, data1b, plan, **kw)
+            res = evaluate(final, split, progress=not args.no_progress)
+            results["table1b"][name] = {"tokens": tokens_per_image(final), "fine": accuracy(res, FINE),
+                                        "fine_digits": digit_accuracy(res), "coarse": accuracy(res, COARSE),
+                                        "train_s": secs,
+                                        "per_family": {f: v["accuracy"] for f, v in res["families"].items()}}
             results_path.write_text(json.dumps(results, indent=2))
 
     if "2" in tables:
@@ -238,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             vdir = run / f"t2-{k}"
             start = _variant_start(args.base, vdir / "init", args.seed, options)
-            plan = [("P", "stage1_projector.yaml", VIDEO_TRAIN, mode["video_p"]),
-                    ("S", "stage2_llm.yaml", VIDEO_TRAIN, mode["video_s"], S_LR)]
+            plan = [("P", "stage1_projector.yaml", VIDEO_TRAIN, mode["video_p"], (), False),
+                    ("S", "stage2_llm.yaml", VIDEO_TRAIN, mode["video_s"], S_LR, True)]
             final, secs = train_variant(start, vdir, data, plan, **kw)
             res = evaluate(final, split, progress=not args.no_progress)
             results["table2"][name] = {"tokens": tokens_per_video(final), "video": accuracy(res, VIDEO),

@@ -9,8 +9,10 @@ checkpoint of ``nvila.tiny.synthvila_config``; stage 0b dense per-patch pre-trai
 stage 0a the LLM on the answer language; then NVILA's stages with ``nvila.train``: 1 projector,
 2 projector + LLM, 3 VEP (ViT + projector), 4 image SFT (all), 5 video SFT (all, image replay), 6 the
 count alone, 7a-7d the code curriculum (the code's glyphs repeated to fill a large box at the code's
-fixed place, then smaller boxes, then the code itself: the code alone stayed at chance), 7e the count
-alone again (the code stages erode it, and a joint stage did not bring it back), 8 a long joint SFT
+fixed place, then smaller boxes, then the code itself: the code alone stayed at chance), 7e-7f the
+colour-comparison curriculum (one shape per image, then up to three: on the real images the
+equality stayed at chance), 7g the count alone again (the curriculum stages erode it, and a joint
+stage did not bring it back), 8 a long joint SFT
 on every family that holds them (in a joint mixture the count stayed at its chance loss for 1200
 steps in one run of two; alone it leaves the plateau at once, and a long joint stage keeps it).
 VEP comes after the projector + LLM stage here: a tiny text-only LLM that stays frozen never
@@ -47,14 +49,16 @@ MODES = {
                         "stage2d_compare": 300, "stage2e_video_colour": 150, "stage2f_video_events": 300,
                         "stage2g_fine": 200, "stage3_vep": 300, "stage4_image_sft": 600, "stage5_video_sft": 300,
                         "stage6_count": 400, "stage7a_fill": 200, "stage7b_fill": 150, "stage7c_fill": 150,
-                        "stage7d_code": 550, "stage7e_count": 400, "stage8_joint_sft": 1200},
+                        "stage7d_code": 550, "stage7e_colour1": 300, "stage7f_colour3": 400, "stage7g_count": 400,
+                        "stage8_joint_sft": 1200},
                  batch=16, eval=100),
     "smoke": dict(image=8, compare=8, video=8, vision_steps=20, text_steps=15,
                   steps={"stage1_projector": 2, "stage2a_colour": 2, "stage2b_shape": 2, "stage2c_count": 2,
                          "stage2d_compare": 2, "stage2e_video_colour": 2, "stage2f_video_events": 2,
                          "stage2g_fine": 2, "stage3_vep": 2, "stage4_image_sft": 2, "stage5_video_sft": 2,
                          "stage6_count": 2, "stage7a_fill": 2, "stage7b_fill": 2, "stage7c_fill": 2,
-                         "stage7d_code": 2, "stage7e_count": 2, "stage8_joint_sft": 2},
+                         "stage7d_code": 2, "stage7e_colour1": 2, "stage7f_colour3": 2, "stage7g_count": 2,
+                         "stage8_joint_sft": 2},
                   batch=4, eval=2),
 }
 # stage -> mixture (family -> repeats); "text" is the stage-0a corpus
@@ -75,10 +79,14 @@ STAGE2 = [name for name, _ in _CURRICULUM]
 # Read-outs are learned where the glyphs dominate the image (a box filling the canvas: 200 steps),
 # never from the small box directly (measured: chance after 300 steps at a fixed place).
 FILLS = {"fine_fill5x10": (5, 10), "fine_fill3x4": (3, 4), "fine_fill2x2": (2, 2)}
-STAGE7 = ["stage7a_fill", "stage7b_fill", "stage7c_fill", "stage7d_code"]
+# The colour comparison's extra splits (name -> size options): the same question on images with one
+# shape (no clutter), then up to three. The equality of two colours has no linear signal to start
+# from; on one-shape images it left the chance loss within ~150 steps, never on the real ones.
+COLOUR_STEPS = {"compare_colour1": {"max_shapes": 1, "clutter": 0}, "compare_colour3": {"max_shapes": 3}}
+STAGE7 = ["stage7a_fill", "stage7b_fill", "stage7c_fill", "stage7d_code", "stage7e_colour1", "stage7f_colour3"]
 # stage -> recipe YAML, where the stage is not named after its recipe
-RECIPE = {**{name: "stage2_llm" for name in STAGE2}, **{name: "stage7_code" for name in STAGE7},
-          "stage7e_count": "stage6_count"}
+RECIPE = {**{name: "stage2_llm" for name in STAGE2}, **{name: "stage7_curriculum" for name in STAGE7},
+          "stage7g_count": "stage6_count"}
 
 
 def _curriculum(sizes: dict[str, int]) -> dict[str, dict[str, int]]:
@@ -107,15 +115,18 @@ def mixtures(sizes: dict[str, int]) -> dict[str, dict[str, int]]:
         "stage7b_fill": {"fine_fill3x4": 2, "fine_fill5x10": 1},
         "stage7c_fill": {"fine_fill2x2": 2, "fine_fill3x4": 1},
         "stage7d_code": {"fine_code": 2, "fine_fill2x2": 1},
-        "stage7e_count": {"coarse_count": 1},
-        "stage8_joint_sft": {**ALL, "coarse_count": 4, "compare_count": 5, "video_order": 4, "video_count": 2,
-                             "fine_code": 3},
+        "stage7e_colour1": {"compare_colour1": 1},
+        "stage7f_colour3": {"compare_colour3": 2, "compare_colour1": 1, "compare_colour": 1, "fine_code": 2,
+                            "fine_fill2x2": 1},
+        "stage7g_count": {"coarse_count": 1},
+        "stage8_joint_sft": {**ALL, "coarse_count": 4, "compare_count": 5, "compare_colour": 4, "compare_colour3": 1,
+                             "video_order": 4, "video_count": 2, "fine_code": 3},
     }
 
 
 # Every stage that trains the LLM starts from a mean-centred projector (synthvila.centre_projector).
 # VEP (LLM frozen) starts where stage 2 ends: a frozen LLM cannot follow the shift.
-CENTRED = (*STAGE2, "stage4_image_sft", "stage5_video_sft", "stage6_count", *STAGE7, "stage7e_count",
+CENTRED = (*STAGE2, "stage4_image_sft", "stage5_video_sft", "stage6_count", *STAGE7, "stage7g_count",
            "stage8_joint_sft")
 
 
@@ -151,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = {name: mode["video" if name.startswith("video") else "compare" if name.startswith("compare") else "image"]
              for name in FAMILIES}
-    sizes.update({name: mode["image"] for name in FILLS})
+    sizes.update({name: mode["image"] for name in [*FILLS, *COLOUR_STEPS]})
     data = make_data(out / "data", sizes, seed=1 + 100 * args.seed,
-                     variants={name: ("fine_code", {"code_repeat": rep}) for name, rep in FILLS.items()})
+                     variants={**{name: ("fine_code", {"code_repeat": rep}) for name, rep in FILLS.items()},
+                               **{name: ("compare_colour", opts) for name, opts in COLOUR_STEPS.items()}})
 
     ckpt = out / "init"
     if not (ckpt / "config.json").is_file():

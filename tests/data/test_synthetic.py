@@ -137,6 +137,28 @@ def test_comparison_answers(tmp_path, preset):
                 assert colourful[y:y + w, x:x + w].any()
 
 
+def test_max_shapes_bounds_the_comparison_images_and_keeps_the_answers_right(tmp_path):
+    opts = {**S.preset_options("compare_colour", "small"), "clutter": 0}
+    for max_shapes in (1, 3):
+        recs = _records(S.generate("compare_colour", 30, tmp_path / str(max_shapes), 2, max_shapes=max_shapes,
+                                   **opts))
+        counts = {len(scene["shapes"]) for r in recs for scene in r["meta"]["scene"]}
+        assert counts == set(range(1, max_shapes + 1))
+        answers = [r["conversations"][1]["value"] for r in recs]
+        assert set(answers) == {"yes", "no"}
+        for r, answer in zip(recs, answers):
+            first, second = r["meta"]["scene"]
+            assert answer == ("yes" if first["shapes"][0]["colour"] == second["shapes"][0]["colour"] else "no")
+            if max_shapes == 1:  # one shape and no clutter: the image's only colourful pixels are its shape's
+                for rel, scene in zip(r["image"], (first, second)):
+                    img = np.asarray(Image.open(tmp_path / "1" / rel).convert("RGB")).astype(int)
+                    colourful = np.ptp(img, axis=2) > 60
+                    rgb = np.array(S.COLOURS[scene["shapes"][0]["colour"]])
+                    assert (np.abs(img[colourful] - rgb).max(axis=1) < 40).mean() > 0.9
+    with pytest.raises(ValueError, match="compare_count needs max_shapes >= 2"):
+        S.generate("compare_count", 2, tmp_path, 2, max_shapes=1)
+
+
 def test_video_answers_match_the_frames(tmp_path):
     for family in ("video_colour", "video_order", "video_count"):
         for r in _records(S.generate(family, 6, tmp_path, 9)):

@@ -77,8 +77,8 @@ def test_bundle_has_the_published_layout_log_and_eval(smoke_run, tmp_path, capsy
 def test_ablations_smoke_on_the_shared_stage2_checkpoint(smoke_run, tmp_path):
     out, _ = smoke_run
     code = _run_script(REPO / "benchmarks" / "ablations.py",
-                       ["--mode", "smoke", "--base", str(out / "stage2g_fine" / "final"), "--run", str(tmp_path),
-                        "--no-progress"])
+                       ["--mode", "smoke", "--base", str(out / "stage2g_fine" / "final"), "--recipe-run", str(out),
+                        "--run", str(tmp_path), "--no-progress"])
     assert code == 0
     results = json.loads((tmp_path / "results.json").read_text())
     tokens1 = {k: v["tokens"] for k, v in results["table1"].items()}
@@ -86,8 +86,14 @@ def test_ablations_smoke_on_the_shared_stage2_checkpoint(smoke_run, tmp_path):
                        "Dynamic-S2 3x3 after VEP": 36}
     tokens2 = {k: v["tokens"] for k, v in results["table2"].items()}
     assert tokens2 == {"4 frames": 36, "16 frames": 144, "16 frames, 4x temporal pooling": 36}
+    assert {k: v["tokens"] for k, v in results["table1b"].items()} == {"low-res": 9, "Dynamic-S2": 81}
+    # Table 1b ran the recipe's code stages, with their mixtures, after its own projector stage
+    assert sorted(p.name for p in (tmp_path / "t1b-0").iterdir()) == [
+        "P", "init", "stage7a_fill", "stage7b_fill", "stage7c_fill", "stage7d_code"]
+    assert "fine_fill5x10" in (tmp_path / "t1b-0" / "stage7a_fill" / "final" / "metrics.jsonl").read_text()
     assert (tmp_path / "ablations.png").stat().st_size > 1000
     assert "Table 2 analogue" in (tmp_path / "ablations.md").read_text()
+    assert "Table 1b" in (tmp_path / "ablations.md").read_text()
 
 
 def test_ablations_without_a_base_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -95,6 +101,26 @@ def test_ablations_without_a_base_checkpoint_is_a_clear_error(tmp_path, capsys):
                                                                str(tmp_path / "r")])
     assert code == 2
     assert "no shared checkpoint" in capsys.readouterr().err
+
+
+def test_ablations_table1b_without_a_recipe_run_is_a_clear_error(smoke_run, tmp_path, capsys):
+    out, _ = smoke_run
+    run = tmp_path / "recipe"
+    (run / "stage6_count").mkdir(parents=True)
+    (run / "stage6_count" / "final").symlink_to(out / "stage6_count" / "final")
+    (run / "data").mkdir()
+    for f in (out / "data").iterdir():
+        if not f.name.startswith("fine_fill"):  # a run from before the code curriculum
+            (run / "data" / f.name).symlink_to(f)
+    code = _run_script(REPO / "benchmarks" / "ablations.py",
+                       ["--mode", "smoke", "--tables", "1b", "--recipe-run", str(run), "--run", str(tmp_path / "r"),
+                        "--no-progress"])
+    assert code == 2
+    assert "Table 1b needs a recipes/synthvila/train.py run" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    code = _run_script(REPO / "benchmarks" / "ablations.py", ["--tables", "3", "--run", str(tmp_path / "r")])
+    assert code == 2
+    assert "unknown table ['3']; valid: 1, 1b, 2" in capsys.readouterr().err
 
 
 def test_centre_projector_removes_the_mean_visual_token_and_nothing_else(smoke_run, tmp_path):

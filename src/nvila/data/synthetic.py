@@ -372,8 +372,10 @@ def _image_sample(family: str, seed: int, i: int, media: Path, rel: str, opts: d
 
 
 def _compare_sample(family: str, seed: int, i: int, media: Path, rel: str, opts: dict) -> tuple[dict, list[str]]:
+    if family == "compare_count" and opts["max_shapes"] < 2:
+        raise ValueError(f"compare_count needs max_shapes >= 2 (the two images' counts differ), got {opts['max_shapes']}")
     rng = np.random.default_rng([seed, 1, i])
-    kw = dict(with_code=False, clutter=opts["clutter"], min_shapes=1, max_shapes=6)
+    kw = dict(with_code=False, clutter=opts["clutter"], min_shapes=1, max_shapes=opts["max_shapes"])
     first = make_scene(rng, tuple(opts["canvas"]), **kw)
     if family == "compare_colour":
         same = bool(rng.random() < 0.5)
@@ -422,7 +424,7 @@ class Family:
 
 _IMAGE = {"canvas": (1344, 1344), "code_length": 4, "glyph_scale": 1, "clutter": 40, "noise": 0.0, "code_at": None,
           "code_repeat": (1, 1)}
-_COMPARE = {"canvas": (448, 448), "clutter": 10, "noise": 0.0}
+_COMPARE = {"canvas": (448, 448), "clutter": 10, "noise": 0.0, "max_shapes": 6}
 _VIDEO = {"frames": 64, "size": 32, "noise": 6.0, "flash": (3, 4), "min_gap": 8}
 
 _SPECS = [("fine_code", "image", _image_sample, _IMAGE), ("coarse_colour", "image", _image_sample, _IMAGE),
@@ -481,8 +483,8 @@ def generate(family: str, n: int, out_dir: str | os.PathLike, seed: int, *, spli
             ``(W, H)``, ``code_length``, ``glyph_scale``, ``clutter``, ``noise``, ``code_at`` (the
             code box's top-left corner, or None for a random place), ``code_repeat`` (``(rx, ry)``,
             fine_code only: each character drawn ``rx`` times and the row ``ry`` times); comparison:
-            ``canvas``, ``clutter``, ``noise``; video: ``frames``, ``size``, ``noise``, ``flash``
-            (shortest, longest) and ``min_gap`` in frames.
+            ``canvas``, ``clutter``, ``noise``, ``max_shapes`` (each image has 1 to it); video:
+            ``frames``, ``size``, ``noise``, ``flash`` (shortest, longest) and ``min_gap`` in frames.
     Returns:
         The JSONL path, ``out_dir/<split>.jsonl``.
     Raises:
