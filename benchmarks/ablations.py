@@ -1,6 +1,6 @@
 """The NVILA paper's scale-then-compress ablations in miniature, on SynthVILA (issue 6).
 
-    python benchmarks/ablations.py                       # after recipes/synthvila/train.py (~1 h, 1 thread)
+    python benchmarks/ablations.py                       # after recipes/synthvila/train.py (~70 min, 1 thread)
     python benchmarks/ablations.py --mode smoke --base /tmp/smoke/stage2g_fine/final --run /tmp/abl
     python benchmarks/ablations.py --tables 1b --recipe-run runs/synthvila  # the fine-detail trend (~30 min)
 
@@ -99,7 +99,8 @@ S_LR = ["optim.lr.projector=5e-4", "optim.lr.llm=5e-4"]
 
 
 def recipe_code_stages(mode: str) -> list[tuple]:
-    """The recipe's code-curriculum stages as (name, YAML, mixture, steps, centred), read from
+    """The recipe's code-curriculum stages as ``train_variant`` plan entries (name, YAML, mixture,
+    steps, no overrides, centred), read from
     ``recipes/synthvila/train.py`` so that Table 1b runs them exactly as the recipe does."""
     import importlib.util
 
