@@ -100,8 +100,8 @@ S_LR = ["optim.lr.projector=5e-4", "optim.lr.llm=5e-4"]
 
 def recipe_code_stages(mode: str) -> list[tuple]:
     """The recipe's code-curriculum stages as ``train_variant`` plan entries (name, YAML, mixture,
-    steps, no overrides, centred), read from
-    ``recipes/synthvila/train.py`` so that Table 1b runs them exactly as the recipe does."""
+    steps, no overrides, centred), read from ``recipes/synthvila/train.py`` so that Table 1b runs
+    them exactly as the recipe does."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("synthvila_recipe", RECIPES / "train.py")
