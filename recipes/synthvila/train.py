@@ -12,9 +12,9 @@ count alone, 7a-7d the code curriculum (the code's glyphs repeated to fill a lar
 fixed place, then smaller boxes, then the code itself: the code alone stayed at chance), 7e-7f the
 colour-comparison curriculum (one shape per image, then up to three: on the real images the
 equality stayed at chance), 7g the count alone again (the curriculum stages erode it, and a joint
-stage did not bring it back), 8 a long joint SFT
-on every family that holds them (in a joint mixture the count stayed at its chance loss for 1200
-steps in one run of two; alone it leaves the plateau at once, and a long joint stage keeps it).
+stage did not bring it back), 8 a long joint SFT on every family that holds them (in a joint
+mixture the count stayed at its chance loss for 1200 steps in one run of two; alone it leaves the
+plateau at once, and a long joint stage keeps it).
 VEP comes after the projector + LLM stage here: a tiny text-only LLM that stays frozen never
 learns to read visual tokens (measured: stage 1 and VEP with a frozen LLM stayed at the chance
 loss), so it must learn to read first. Stage 2 is a curriculum, one family group at a time with
@@ -116,6 +116,7 @@ def mixtures(sizes: dict[str, int]) -> dict[str, dict[str, int]]:
         "stage7c_fill": {"fine_fill2x2": 2, "fine_fill3x4": 1},
         "stage7d_code": {"fine_code": 2, "fine_fill2x2": 1},
         "stage7e_colour1": {"compare_colour1": 1},
+        # the code is replayed here: without it (run "v9") 7e-7g wiped it and stage 8 did not bring it back
         "stage7f_colour3": {"compare_colour3": 2, "compare_colour1": 1, "compare_colour": 1, "fine_code": 2,
                             "fine_fill2x2": 1},
         "stage7g_count": {"coarse_count": 1},
