@@ -110,7 +110,7 @@ def recipe_code_stages(mode: str) -> list[tuple]:
     from nvila.data.synthetic import FAMILIES
 
     steps = recipe.MODES[mode]["steps"]
-    sizes = {name: 1 for name in [*FAMILIES, *recipe.FILLS]}  # mixtures' repeats do not depend on sizes here
+    sizes = {name: 1 for name in FAMILIES}  # the code stages' repeats do not depend on sizes
     mix = recipe.mixtures(sizes)
     return [(name, f"{recipe.RECIPE.get(name, name)}.yaml", mix[name], steps[name], (), name in recipe.CENTRED)
             for name in CODE_STAGES]
@@ -248,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"directory of a recipes/synthvila/train.py run)\n")
             return 2
     base1b, data1b = args.recipe_run / "stage6_count" / "final", args.recipe_run / "data"
+    code_stages = recipe_code_stages(args.mode) if "1b" in tables else []
     if "1b" in tables:
-        missing = [f for _, _, mix, *_ in recipe_code_stages(args.mode) for f in mix
+        missing = [f for _, _, mix, *_ in code_stages for f in mix
                    if not (data1b / f"{f}.jsonl").is_file()]
         if not (base1b / "config.json").is_file() or missing:
             sys.stderr.write(f"ablations: error: Table 1b needs a recipes/synthvila/train.py run with its stage-6 "
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             vdir = run / f"t1b-{k}"
             start = _variant_start(base1b, vdir / "init", args.seed, options)
             plan = [("P", "stage1_projector.yaml", IMAGE_TRAIN, mode["p1b"], (), False),
-                    *recipe_code_stages(args.mode)]
+                    *code_stages]
             final, secs = train_variant(start, vdir, data1b, plan, **kw)
             res = evaluate(final, split, progress=not args.no_progress)
             results["table1b"][name] = {"tokens": tokens_per_image(final), "fine": accuracy(res, FINE),
