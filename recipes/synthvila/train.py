@@ -1,8 +1,8 @@
 """Train the bundled SynthVILA model from random init with our own pipeline.
 
-    python recipes/synthvila/train.py --out runs/synthvila                   # full run (~1 h, 1 thread)
+    python recipes/synthvila/train.py --out runs/synthvila                   # full run (~84 min, 2 threads)
     python recipes/synthvila/train.py --out runs/synthvila --bundle src/nvila/bundled/synthvila
-    python recipes/synthvila/train.py --out /tmp/smoke --mode smoke          # CI: same script, ~2 min
+    python recipes/synthvila/train.py --out /tmp/smoke --mode smoke          # CI: same script, ~20 s
 
 The curriculum (spec training.md §7.4-7.5): SynthVILA data at the "small" size preset; a random
 checkpoint of ``nvila.tiny.synthvila_config``; stage 0b dense per-patch pre-training of the ViT;
@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=sorted(MODES), default="full", help="full run or the CI smoke version")
     parser.add_argument("--bundle", type=Path, default=None,
                         help="copy the final checkpoint, training log and eval results here")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, one per core; 1 when another job shares the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     from nvila.train.stage0 import pretrain_vision
     from nvila.train.synthvila import Stage, bundle, init_checkpoint, make_data, run_stage
 
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     mode = MODES[args.mode]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     # (finished stages are skipped) still reports what each stage cost.
     train_s = {"stage0b_vision": _metrics(stage0b)[-1]["elapsed_s"]}
     train_s.update({s.name: sum(m["step_time_s"] for m in _metrics(out / s.name / "final")) for s in stages})
-    train_log = {"command": command, "mode": args.mode, "threads": args.threads, "seed": args.seed,
+    train_log = {"command": command, "mode": args.mode, "threads": torch.get_num_threads(), "seed": args.seed,
                  "train_seconds": {k: round(v, 1) for k, v in train_s.items()},
                  "train_seconds_total": round(sum(train_s.values()), 1), "eval_seconds": round(eval_s, 1),
                  "sizes": sizes, "stage0b_vision": {"steps": mode["vision_steps"], "scenes": 8, "frames": 8},
