@@ -149,21 +149,29 @@ def digit_accuracy(result: dict, family: str = "fine_code") -> float:
     return hits / max(total, 1)
 
 
-def to_markdown(results: dict) -> str:
-    lines = ["Table 1 analogue: image resolution and spatial compression (held-out exact match)", "",
-             "| variant | visual tokens / image | fine detail (fine_code) | fine_code per digit |"
+def _image_result(final: Path, res: dict, secs: float) -> dict:
+    """One image variant's row of Tables 1 and 1b: tokens per image, accuracies, train seconds."""
+    return {"tokens": tokens_per_image(final), "fine": accuracy(res, FINE), "fine_digits": digit_accuracy(res),
+            "coarse": accuracy(res, COARSE), "train_s": secs,
+            "per_family": {f: v["accuracy"] for f, v in res["families"].items()}}
+
+
+def _image_table(title: str, rows: dict) -> list[str]:
+    """Markdown lines of an image table (Table 1 or 1b) from its ``_image_result`` rows."""
+    lines = [title, "", "| variant | visual tokens / image | fine detail (fine_code) | fine_code per digit |"
              " coarse (colour, count, shape) | train time |", "|---|---:|---:|---:|---:|---:|"]
-    for name, r in results["table1"].items():
+    for name, r in rows.items():
         lines.append(f"| {name} | {r['tokens']} | {r['fine']:.3f} | {r['fine_digits']:.3f} | {r['coarse']:.3f} | "
                      f"{r['train_s'] / 60:.1f} min |")
+    return lines
+
+
+def to_markdown(results: dict) -> str:
+    lines = _image_table("Table 1 analogue: image resolution and spatial compression (held-out exact match)",
+                         results["table1"])
     if results.get("table1b"):
-        lines += ["", "Table 1b: fine detail after the recipe's code curriculum (stages 7a-7d from its stage-6 "
-                  "checkpoint; held-out exact match)", "",
-                  "| variant | visual tokens / image | fine detail (fine_code) | fine_code per digit |"
-                  " coarse (colour, count, shape) | train time |", "|---|---:|---:|---:|---:|---:|"]
-        for name, r in results["table1b"].items():
-            lines.append(f"| {name} | {r['tokens']} | {r['fine']:.3f} | {r['fine_digits']:.3f} | {r['coarse']:.3f} | "
-                         f"{r['train_s'] / 60:.1f} min |")
+        lines += ["", *_image_table("Table 1b: fine detail after the recipe's code curriculum (stages 7a-7d from "
+                                    "its stage-6 checkpoint; held-out exact match)", results["table1b"])]
     lines += ["", "Table 2 analogue: frames and temporal pooling (held-out exact match)", "",
               "| variant | visual tokens / video | video_colour | video_order | video_count | all video |"
               " train time |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -266,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     results["mode"], results["base"], results["recipe_run"] = args.mode, str(args.base), str(args.recipe_run)
     kw = dict(batch=mode["batch"], threads=args.threads, seed=args.seed, progress=not args.no_progress)
 
+    if tables & {"1", "1b"}:  # one held-out image split for Tables 1 and 1b
+        image_split = generate_eval_splits([*FINE, *COARSE], mode["eval"], run / "eval-image")
     if "1" in tables:
-        split = generate_eval_splits([*FINE, *COARSE], mode["eval"], run / "eval-image")
         for k, (name, (options, vep)) in enumerate(TABLE1.items()):
             if name in results["table1"]:
                 continue
@@ -277,15 +286,11 @@ def main(argv: list[str] | None = None) -> int:
                     ("X", "stage3_vep.yaml" if vep else "stage1_projector.yaml", IMAGE_TRAIN, mode["x"], (), False),
                     ("S", "stage2_llm.yaml", IMAGE_TRAIN, mode["s"], S_LR, True)]
             final, secs = train_variant(start, vdir, data, plan, **kw)
-            res = evaluate(final, split, progress=not args.no_progress)
-            results["table1"][name] = {"tokens": tokens_per_image(final), "fine": accuracy(res, FINE),
-                                       "fine_digits": digit_accuracy(res),
-                                       "coarse": accuracy(res, COARSE), "train_s": secs,
-                                       "per_family": {f: v["accuracy"] for f, v in res["families"].items()}}
+            res = evaluate(final, image_split, progress=not args.no_progress)
+            results["table1"][name] = _image_result(final, res, secs)
             results_path.write_text(json.dumps(results, indent=2))
 
     if "1b" in tables:
-        split = generate_eval_splits([*FINE, *COARSE], mode["eval"], run / "eval-image")
         for k, (name, options) in enumerate(TABLE1B.items()):
             if name in results["table1b"]:
                 continue
@@ -294,11 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             plan = [("P", "stage1_projector.yaml", IMAGE_TRAIN, mode["p1b"], (), False),
                     *code_stages]
             final, secs = train_variant(start, vdir, data1b, plan, **kw)
-            res = evaluate(final, split, progress=not args.no_progress)
-            results["table1b"][name] = {"tokens": tokens_per_image(final), "fine": accuracy(res, FINE),
-                                        "fine_digits": digit_accuracy(res), "coarse": accuracy(res, COARSE),
-                                        "train_s": secs,
-                                        "per_family": {f: v["accuracy"] for f, v in res["families"].items()}}
+            res = evaluate(final, image_split, progress=not args.no_progress)
+            results["table1b"][name] = _image_result(final, res, secs)
             results_path.write_text(json.dumps(results, indent=2))
 
     if "2" in tables:
