@@ -209,6 +209,22 @@ def test_largest_shape_stays_unambiguous_on_a_tile_sized_canvas():
         assert sides[0] >= 1.6 * max(sides[1:], default=0), sides
 
 
+def test_largest_option_sets_the_largest_side(tmp_path):
+    for i in range(50):
+        scene = S.make_scene(np.random.default_rng(i), (24, 24), with_code=False, clutter=4, min_shapes=1,
+                             largest=(0.45, 0.55))
+        sides = [s["box"][2] for s in scene["shapes"]]
+        assert 10 <= sides[0] <= 13 and all(side == 4 for side in sides[1:]), sides
+    opts = {**S.preset_options("compare_colour", "small"), "largest": (0.45, 0.55)}
+    for r in _records(S.generate("compare_colour", 10, tmp_path, 3, **opts)):
+        for scene in r["meta"]["scene"]:
+            assert scene["shapes"][0]["box"][2] >= 10
+    # the default keeps the published geometry, and the same random draws as before the option existed
+    a = S.make_scene(np.random.default_rng(7), (448, 448), with_code=False)
+    b = S.make_scene(np.random.default_rng(7), (448, 448), with_code=False, largest=(0.20, 0.26))
+    assert a == b and 0.20 * 448 - 1 <= a["shapes"][0]["box"][2] <= 0.26 * 448
+
+
 def test_code_at_fixes_the_code_box_and_the_code_stays_legible(tmp_path):
     opts = {**S.preset_options("fine_code", "small"), "code_at": (4, 4), "noise": 0.0}
     for r in _records(S.generate("fine_code", 6, tmp_path, 5, **opts)):
