@@ -49,6 +49,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 205, 20), "purple": (150, 40, 190), "orange": (245, 130, 20),
 }
 SHAPES = ("square", "circle", "triangle")
+LARGEST = (0.20, 0.26)  # the largest shape's side range, as fractions of the canvas's shorter side
 CODE_ALPHABET = "0123456789"
 
 # A 3x5 bitmap font: five rows of three pixels per glyph ("#" ink, "." paper).
@@ -143,7 +144,7 @@ def make_scene(rng: np.random.Generator, canvas: tuple[int, int], *, code_length
                clutter: int = 40, with_code: bool = True, code_at: tuple[int, int] | None = None,
                code_repeat: tuple[int, int] = (1, 1),
                min_shapes: int = 2, max_shapes: int = 6, largest_colour: str | None = None,
-               largest: tuple[float, float] = (0.20, 0.26)) -> dict:
+               largest: tuple[float, float] = LARGEST) -> dict:
     """A random scene description: grey clutter, coloured shapes, optionally a code box.
 
     One shape is clearly the largest (side >= 1.6x every other side, so also the largest area; on a
@@ -428,7 +429,7 @@ class Family:
 
 _IMAGE = {"canvas": (1344, 1344), "code_length": 4, "glyph_scale": 1, "clutter": 40, "noise": 0.0, "code_at": None,
           "code_repeat": (1, 1)}
-_COMPARE = {"canvas": (448, 448), "clutter": 10, "noise": 0.0, "max_shapes": 6, "largest": (0.20, 0.26)}
+_COMPARE = {"canvas": (448, 448), "clutter": 10, "noise": 0.0, "max_shapes": 6, "largest": LARGEST}
 _VIDEO = {"frames": 64, "size": 32, "noise": 6.0, "flash": (3, 4), "min_gap": 8}
 
 _SPECS = [("fine_code", "image", _image_sample, _IMAGE), ("coarse_colour", "image", _image_sample, _IMAGE),
