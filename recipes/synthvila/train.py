@@ -12,9 +12,12 @@ count alone, 7a-7d the code curriculum (the code's glyphs repeated to fill a lar
 fixed place, then smaller boxes, then the code itself: the code alone stayed at chance), 7e-7f the
 colour-comparison curriculum (one shape per image, then up to three: on the real images the
 equality stayed at chance), 7g the count alone again (the curriculum stages erode it, and a joint
-stage did not bring it back), 8 a long joint SFT on every family that holds them (in a joint
-mixture the count stayed at its chance loss for 1200 steps in one run of two; alone it leaves the
-plateau at once, and a long joint stage keeps it).
+stage did not bring it back), 7h the video order and count alone again, 7i-7j the count comparison
+without clutter, then on the real images (on them alone it stayed at chance), 7k the largest shape
+alone (each run left one family on its plateau through stage 8; alone, right before it, each left the
+plateau within ~125 steps), 8 a long joint SFT on every family that holds them (in a joint mixture
+the count stayed at its chance loss for 1200 steps in one run of two; alone it leaves the plateau at
+once, and a long joint stage keeps it).
 VEP comes after the projector + LLM stage here: a tiny text-only LLM that stays frozen never
 learns to read visual tokens (measured: stage 1 and VEP with a frozen LLM stayed at the chance
 loss), so it must learn to read first. Stage 2 is a curriculum, one family group at a time with
@@ -50,6 +53,8 @@ MODES = {
                         "stage2g_fine": 200, "stage3_vep": 300, "stage4_image_sft": 600, "stage5_video_sft": 300,
                         "stage6_count": 400, "stage7a_fill": 200, "stage7b_fill": 150, "stage7c_fill": 150,
                         "stage7d_code": 550, "stage7e_colour1": 300, "stage7f_colour3": 400, "stage7g_count": 400,
+                        "stage7h_video": 300, "stage7i_count_clean": 150, "stage7j_compare_count": 250,
+                        "stage7k_shape": 150,
                         "stage8_joint_sft": 1200},
                  batch=16, eval=100),
     "smoke": dict(image=8, compare=8, video=8, vision_steps=20, text_steps=15,
@@ -58,6 +63,7 @@ MODES = {
                          "stage2g_fine": 2, "stage3_vep": 2, "stage4_image_sft": 2, "stage5_video_sft": 2,
                          "stage6_count": 2, "stage7a_fill": 2, "stage7b_fill": 2, "stage7c_fill": 2,
                          "stage7d_code": 2, "stage7e_colour1": 2, "stage7f_colour3": 2, "stage7g_count": 2,
+                         "stage7h_video": 2, "stage7i_count_clean": 2, "stage7j_compare_count": 2, "stage7k_shape": 2,
                          "stage8_joint_sft": 2},
                   batch=4, eval=2),
 }
@@ -83,10 +89,16 @@ FILLS = {"fine_fill5x10": (5, 10), "fine_fill3x4": (3, 4), "fine_fill2x2": (2, 2
 # shape (no clutter), then up to three. The equality of two colours has no linear signal to start
 # from; on one-shape images it left the chance loss within ~150 steps, never on the real ones.
 COLOUR_STEPS = {"compare_colour1": {"max_shapes": 1, "clutter": 0}, "compare_colour3": {"max_shapes": 3}}
+# The count comparison's extra split: the same question without clutter. On the real images it stayed
+# on its chance loss through stages 2-8 in two runs of three (v13, v14), and for 150 steps alone; without
+# clutter it left the plateau within ~75 steps alone, and then the real images followed (0.15 loss in
+# 250 joint steps against the chance 0.35).
+COUNT_STEPS = {"compare_count_clean": {"clutter": 0}}
 STAGE7 = ["stage7a_fill", "stage7b_fill", "stage7c_fill", "stage7d_code", "stage7e_colour1", "stage7f_colour3"]
 # stage -> recipe YAML, where the stage is not named after its recipe
 RECIPE = {**{name: "stage2_llm" for name in STAGE2}, **{name: "stage7_curriculum" for name in STAGE7},
-          "stage7g_count": "stage6_count"}
+          "stage7g_count": "stage6_count", "stage7h_video": "stage5_video_sft", "stage7i_count_clean": "stage6_count",
+          "stage7j_compare_count": "stage6_count", "stage7k_shape": "stage6_count"}
 
 
 def _curriculum(sizes: dict[str, int]) -> dict[str, dict[str, int]]:
@@ -120,15 +132,21 @@ def mixtures(sizes: dict[str, int]) -> dict[str, dict[str, int]]:
         "stage7f_colour3": {"compare_colour3": 2, "compare_colour1": 1, "compare_colour": 1, "fine_code": 2,
                             "fine_fill2x2": 1},
         "stage7g_count": {"coarse_count": 1},
-        "stage8_joint_sft": {**ALL, "coarse_count": 4, "compare_count": 5, "compare_colour": 4, "compare_colour3": 1,
-                             "video_order": 4, "video_count": 2, "fine_code": 3},
+        # the video events alone again: in one run of two, stages 6-8 wiped the order (0.05 at seed 777)
+        "stage7h_video": {"video_order": 2, "video_count": 1},
+        "stage7i_count_clean": {"compare_count_clean": 1},
+        "stage7j_compare_count": {"compare_count": 2, "compare_count_clean": 1, "coarse_count": 1},
+        "stage7k_shape": {"coarse_shape": 1},
+        "stage8_joint_sft": {**ALL, "coarse_shape": 3, "coarse_count": 4, "compare_count": 5, "compare_count_clean": 1,
+                             "compare_colour": 4, "compare_colour3": 1, "video_order": 4, "video_count": 2,
+                             "fine_code": 3},
     }
 
 
 # Every stage that trains the LLM starts from a mean-centred projector (synthvila.centre_projector).
 # VEP (LLM frozen) starts where stage 2 ends: a frozen LLM cannot follow the shift.
 CENTRED = (*STAGE2, "stage4_image_sft", "stage5_video_sft", "stage6_count", *STAGE7, "stage7g_count",
-           "stage8_joint_sft")
+           "stage7h_video", "stage7i_count_clean", "stage7j_compare_count", "stage7k_shape", "stage8_joint_sft")
 
 
 def _metrics(final: Path) -> list[dict]:
@@ -166,9 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {name: mode["video" if name.startswith("video") else "compare" if name.startswith("compare") else "image"]
              for name in FAMILIES}
     sizes.update({name: mode["image"] for name in [*FILLS, *COLOUR_STEPS]})
+    sizes.update({name: mode["compare"] for name in COUNT_STEPS})
     data = make_data(out / "data", sizes, seed=1 + 100 * args.seed,
                      variants={**{name: ("fine_code", {"code_repeat": rep}) for name, rep in FILLS.items()},
-                               **{name: ("compare_colour", opts) for name, opts in COLOUR_STEPS.items()}})
+                               **{name: ("compare_colour", opts) for name, opts in COLOUR_STEPS.items()},
+                               **{name: ("compare_count", opts) for name, opts in COUNT_STEPS.items()}})
 
     ckpt = out / "init"
     if not (ckpt / "config.json").is_file():

@@ -215,7 +215,11 @@ def test_largest_option_sets_the_largest_side(tmp_path):
                              largest=(0.45, 0.55))
         sides = [s["box"][2] for s in scene["shapes"]]
         assert 10 <= sides[0] <= 13 and all(side == 4 for side in sides[1:]), sides
-    opts = {**S.preset_options("compare_colour", "small"), "largest": (0.45, 0.55)}
+    # the small preset uses this range for the colour comparison only
+    opts = S.preset_options("compare_colour", "small")
+    assert opts == {**S.preset_options("compare_count", "small"), "largest": (0.45, 0.55)}
+    assert "largest" not in S.preset_options("compare_count", "small")
+    assert S.preset_options("compare_colour", "paper") == {}
     for r in _records(S.generate("compare_colour", 10, tmp_path, 3, **opts)):
         for scene in r["meta"]["scene"]:
             assert scene["shapes"][0]["box"][2] >= 10

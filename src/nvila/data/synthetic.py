@@ -449,24 +449,27 @@ FAMILIES: dict[str, Family] = {name: Family(name, kind, build, dict(defaults), e
 # resized to one tile shrinks the small shapes to 2-3 px (the shape count was not learned from them).
 # The code box sits at a fixed place inside the first high-res tile: the small model learns to read
 # the code there, but not to find a box that moves (measured; ``code_at=None`` is the moving box).
-# The comparison's largest shape is 7 px at this size (the others 4 px). ``largest=(0.45, 0.55)``
-# (10-13 px) made the colour comparison learnable (0.93 at seed 777, runs v13/v14 in RESULTS), but in
-# those runs another family stayed at chance, so the bundled model and this preset keep the default.
+# The colour comparison draws its largest shape at 45-55 % of the side (10-13 px): at the default
+# range it is 7 px against the others' 4 px, while one projected token covers 8x8 px, and the
+# comparison stayed near chance (0.60 at seed 777, RESULTS eighth round); at 10-13 px it was learned.
+# A preset maps a media kind, then a family name (which wins), to size options.
 SIZE_PRESETS: dict[str, dict[str, dict]] = {
     "paper": {},
     "small": {"image": {"canvas": (72, 72), "code_length": 3, "glyph_scale": 1, "clutter": 8, "noise": 8.0,
                         "code_at": (4, 4)},
               "multi_image": {"canvas": (24, 24), "clutter": 4, "noise": 8.0},
+              "compare_colour": {"largest": (0.45, 0.55)},
               "video": {"frames": 31, "size": 24, "noise": 6.0, "flash": (2, 2), "min_gap": 7}},
 }
 
 
 def preset_options(family: str, preset: str) -> dict:
-    """The size options of ``family`` under a ``SIZE_PRESETS`` name; raises ``ValueError`` listing the
-    valid presets."""
+    """The size options of ``family`` under a ``SIZE_PRESETS`` name: its kind's, updated with its own;
+    raises ``ValueError`` listing the valid presets."""
     if preset not in SIZE_PRESETS:
         raise ValueError(f"unknown size preset {preset!r}; valid: {', '.join(SIZE_PRESETS)}")
-    return dict(SIZE_PRESETS[preset].get(get_family(family).kind, {}))
+    sizes = SIZE_PRESETS[preset]
+    return {**sizes.get(get_family(family).kind, {}), **sizes.get(family, {})}
 
 
 def get_family(name: str) -> Family:
