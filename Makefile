@@ -3,7 +3,7 @@
 #   make test      set up .venv with every extra (if needed) and run the default test suite (no slow tests)
 #   make test-all  same, including tests marked slow
 #   make bench     run every benchmarks/bench_*.py
-#   make synthvila retrain the bundled SynthVILA model (recipes/synthvila/train.py, ~85 min on 2 cores)
+#   make synthvila retrain the bundled SynthVILA model (recipes/synthvila/train.py, ~93 min on 2 cores)
 #   make ablations the scale-then-compress ablations on it (benchmarks/ablations.py, ~70 min)
 #   make clean     remove build/test caches;  make distclean  also removes .venv and outputs
 #

@@ -1,6 +1,6 @@
 """Train the bundled SynthVILA model from random init with our own pipeline.
 
-    python recipes/synthvila/train.py --out runs/synthvila                   # full run (~84 min, 2 threads)
+    python recipes/synthvila/train.py --out runs/synthvila                   # full run (~93 min, 2 threads)
     python recipes/synthvila/train.py --out runs/synthvila --bundle src/nvila/bundled/synthvila
     python recipes/synthvila/train.py --out /tmp/smoke --mode smoke          # CI: same script, ~20 s
 
