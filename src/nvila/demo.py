@@ -1,13 +1,14 @@
 """``make demo``: the bundled SynthVILA model answers a few held-out SynthVILA questions.
 
-The model (``nvila.bundled``) and the processor are loaded once; each example in
-``assets/synthvila/examples.json`` then runs the way ``nvila infer`` runs a request (greedy
+The model (``nvila.bundled``) and the processor are loaded once; each example in the bundled
+``examples.json`` (``nvila.bundled.examples_path()``, package data) then runs the way ``nvila infer`` runs a request (greedy
 decoding, the same report), and the demo prints the question, the model's answer next to the
 correct one, the visual-token budget per medium and the timings, then how many were right.
 
 The examples are the first sample of each family's eval split (``FAMILIES[name].eval_seed``) at
 the ``small`` size preset the bundled model was trained at, so the model never saw them in
-training. ``python -m nvila.demo --make-assets [DIR]`` rebuilds them; the output is a pure function
+training. ``python -m nvila.demo --make-assets DIR`` rebuilds them (in the repository:
+``src/nvila/bundled/examples``); the output is a pure function
 of the generator, and a test checks that the committed assets match it. Five samples are an
 illustration, not a measurement: ``nvila eval`` gives the held-out accuracy.
 """
@@ -24,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-ASSETS = REPO / "assets" / "synthvila"
 PRESET = "small"
 # One held-out sample per family shown: fine detail (Dynamic-S2), two coarse questions, a two-image
 # comparison and a 31-frame video.
@@ -146,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nvila.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled SynthVILA model)")
-    ap.add_argument("--assets", type=Path, default=ASSETS, help="examples directory (default: %(default)s)")
+    ap.add_argument("--assets", type=Path, help="examples directory (default: the examples shipped with nvila)")
     ap.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own)")
-    ap.add_argument("--make-assets", nargs="?", type=Path, const=ASSETS, metavar="DIR",
-                    help="rebuild the examples into DIR (default: %(const)s) instead of running the demo")
+    ap.add_argument("--make-assets", type=Path, metavar="DIR",
+                    help="write the examples into DIR instead of running the demo")
     args = ap.parse_args(argv)
     try:
         if args.make_assets is not None:
@@ -158,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         import torch
 
-        from .bundled import default_model_path
+        from .bundled import default_model_path, examples_path
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        return run_demo(args.model or default_model_path(), args.assets, device, args.threads)
+        return run_demo(args.model or default_model_path(), args.assets or examples_path(), device, args.threads)
     except (ValueError, OSError) as e:
         sys.stderr.write(f"nvila demo: error: {e}\n")
         return 2

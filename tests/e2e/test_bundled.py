@@ -22,12 +22,13 @@ from PIL import Image
 
 import nvila
 import nvila.bundled
-from nvila.bundled import BundledModelError, default_model_path
+from nvila.bundled import BundledModelError, default_model_path, examples_path
 from nvila.checkpoint import CheckpointError
 from nvila.cli import main
-from nvila.demo import ASSETS, load_examples, make_assets
+from nvila.demo import load_examples, make_assets
 
 REPO = Path(__file__).resolve().parents[2]
+ASSETS = examples_path()
 
 
 @pytest.fixture(autouse=True)
@@ -40,8 +41,10 @@ def _restore_threads():
 
 @pytest.fixture
 def no_bundled_model(monkeypatch, tmp_path):
-    """An install whose bundled directory lost its files."""
-    monkeypatch.setattr(nvila.bundled.resources, "files", lambda package: tmp_path)
+    """An install whose bundled directory lost its files (the other package data stays)."""
+    files = nvila.bundled.resources.files
+    monkeypatch.setattr(nvila.bundled.resources, "files",
+                        lambda package: tmp_path if package == "nvila.bundled" else files(package))
 
 
 def _example(family: str) -> dict:
@@ -67,7 +70,9 @@ def test_bundled_model_inside_an_archive_is_a_clear_error(monkeypatch, tmp_path)
     archive = tmp_path / "nvila.zip"
     with zipfile.ZipFile(archive, "w") as z:
         z.writestr("nvila/bundled/synthvila/config.json", "{}")
-    monkeypatch.setattr(nvila.bundled.resources, "files", lambda package: zipfile.Path(archive, "nvila/bundled/"))
+    files = nvila.bundled.resources.files
+    monkeypatch.setattr(nvila.bundled.resources, "files", lambda package: zipfile.Path(archive, "nvila/bundled/")
+                        if package == "nvila.bundled" else files(package))
     with pytest.raises(BundledModelError, match="inside an archive"):
         default_model_path()
 
@@ -80,17 +85,27 @@ def test_cli_without_model_and_without_bundled_model(capsys, no_bundled_model, a
     assert len(err.splitlines()) == 1 and err.startswith("nvila: error: the bundled synthvila model is missing")
 
 
-def test_package_data_ships_every_bundled_file():
-    """pyproject's package-data globs cover every file of the bundled checkpoint (a wheel carries them)."""
+def test_package_data_ships_every_data_file():
+    """pyproject's package-data globs cover every non-Python file under src/nvila (a wheel carries them)."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    patterns = pyproject["tool"]["setuptools"]["package-data"]["nvila.bundled"]
-    root = REPO / "src" / "nvila" / "bundled"
-    files = [p.relative_to(root).as_posix() for p in (root / "synthvila").rglob("*") if p.is_file()]
-    assert files
-    unshipped = [f for f in files if not any(fnmatch.fnmatch(f, pat) and f.count("/") == pat.count("/")
-                                             for pat in patterns)]
-    assert unshipped == []
+    src = REPO / "src"
+    patterns = [(package, pat) for package, pats in pyproject["tool"]["setuptools"]["package-data"].items()
+                for pat in pats]
+    files = [p for p in (src / "nvila").rglob("*")
+             if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts]
+    assert any(p.name == "model.safetensors" for p in files) and any(p.suffix == ".yaml" for p in files)
+
+    def shipped(path: Path) -> bool:
+        for package, pat in patterns:
+            root = src.joinpath(*package.split("."))
+            if root in path.parents:
+                rel = path.relative_to(root).as_posix()
+                if fnmatch.fnmatch(rel, pat) and rel.count("/") == pat.count("/"):
+                    return True
+        return False
+
+    assert [p.relative_to(src).as_posix() for p in files if not shipped(p)] == []
 
 
 # ------------------------------------------------------------------------------------------- CLI

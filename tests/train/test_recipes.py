@@ -13,7 +13,6 @@ from nvila.train.cli import main
 
 from trainkit import image_mixture, make_image_data, tiny_ckpts, video_mixture  # noqa: F401 (fixtures)
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 # recipe -> (tiny family, extra overrides). Every run uses 1-tile images (Lite with max_tiles 1, or
 # the video family's resize) to keep the CPU cost small; dynamic-S2 batches are covered by
@@ -41,7 +40,7 @@ def test_recipe_smoke(recipe, tiny_ckpts, small_mixture, video_mixture, tmp_path
     steps = 5
     out = tmp_path / "run"
     # The recipe as shipped, on tiny data: fixed batch (the whole tiny mixture), float32 on CPU.
-    code = main(["--config", str(RECIPES / f"{recipe}.yaml"), f"model.path={tiny_ckpts[family]}",
+    code = main(["--config", recipe, f"model.path={tiny_ckpts[family]}",
                  f"data.mixture={mixture}", f"run.output_dir={out}", "model.dtype=float32",
                  "optim.global_batch_size=2", "optim.micro_batch_size=1", f"optim.max_steps={steps}",
                  "run.save_every=2", "run.keep_last=1", "run.progress=false", "--threads", "2", *extra])

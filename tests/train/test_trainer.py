@@ -21,7 +21,7 @@ from nvila.train.trainer import lr_factor
 from trainkit import image_mixture, make_image_data, tiny_ckpts, video_mixture  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
-RECIPE = REPO / "recipes" / "nvila_stage3_pretrain.yaml"
+RECIPE = "nvila_stage3_pretrain"
 STEPS = 6
 
 

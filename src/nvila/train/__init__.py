@@ -5,7 +5,7 @@ through the inference processor, assistant-only labels, mixtures), ``packing`` (
 micro-batch, block-diagonal attention), ``peft`` (frozen | layernorm | lora | full per component,
 NF4 QLoRA on CPU, merging), ``distributed`` (torchrun, DDP), ``state`` (atomic, resumable
 checkpoints in the published layout), ``memory`` (dry-run report), ``trainer`` (the loop).
-Recipes (YAML, one per stage) live in ``recipes/`` at the repository root.
+Recipes (YAML, one per stage) ship as package data in ``nvila/recipes/`` (``config.shipped_recipes``).
 """
 
 from .config import TrainConfig, TrainConfigError, load_config

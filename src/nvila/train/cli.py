@@ -2,13 +2,16 @@
 
 Usage::
 
-    nvila train --config recipes/nvila_stage1_projector.yaml model.path=CKPT data.mixture=MIX.yaml
+    nvila train --config nvila_stage1_projector model.path=CKPT data.mixture=MIX.yaml
+    nvila train --config my_recipe.yaml ...       # a YAML file of your own
     nvila train --config ... --dry-run            # memory report from meta-device shapes, no weights
     nvila train --config ... --resume             # continue from the newest checkpoint in run.output_dir
-    nvila finetune model.path=CKPT data.mixture=MIX.yaml        # recipes/finetune_lora.yaml by default
+    nvila finetune model.path=CKPT data.mixture=MIX.yaml        # the finetune_lora recipe by default
     torchrun --nproc_per_node 2 -m nvila.train --config ... [key=value ...]
 
-Every setting is a config key; ``key=value`` arguments override the YAML (``optim.lr.llm=1e-4``).
+``--config`` takes a YAML path or the name of a recipe shipped with nvila (package data, listed in
+``--help``). Every setting is a config key; ``key=value`` arguments override the YAML
+(``optim.lr.llm=1e-4``).
 Config, data and batch-size errors are reported before any model is loaded. This module parses
 flags and prints reports; the work is in trainer.py and memory.py.
 """
@@ -19,18 +22,20 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
+
+from .config import shipped_recipes
 
 logger = logging.getLogger(__name__)
 
-RECIPES = Path(__file__).resolve().parents[3] / "recipes"
-FINETUNE_RECIPE = RECIPES / "finetune_lora.yaml"
+FINETUNE_RECIPE = "finetune_lora"
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, finetune: bool = False) -> None:
     """Flags shared by ``train`` and ``finetune`` (``finetune`` defaults ``--config`` to the PEFT recipe)."""
-    parser.add_argument("--config", type=Path, default=FINETUNE_RECIPE if finetune else None, required=not finetune,
-                        help="recipe YAML" + (f" (default: {FINETUNE_RECIPE.name})" if finetune else ""))
+    names = ", ".join(shipped_recipes())
+    parser.add_argument("--config", default=FINETUNE_RECIPE if finetune else None, required=not finetune,
+                        metavar="RECIPE", help=f"a recipe YAML file, or the name of a shipped recipe ({names})"
+                        + (f"; default: {FINETUNE_RECIPE}" if finetune else ""))
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides with dotted keys, e.g. optim.lr.llm=1e-4 run.output_dir=out")
     parser.add_argument("--resume", action="store_true",

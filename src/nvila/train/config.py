@@ -6,7 +6,8 @@ before it is typed. Unknown keys, wrong types and impossible values raise ``Trai
 naming the key and the valid choices, before any model or data is touched.
 
 Model configs hold no training settings: everything about how to train lives here. This module
-knows no tensors and no files besides the YAML it reads.
+knows no tensors and no files besides the YAML it reads. The recipes shipped with nvila are package
+data (``nvila/recipes/*.yaml``), found through ``importlib.resources`` by name (``finetune_lora``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 COMPONENTS = ("vision", "projector", "llm")
 TRAINABILITY = ("frozen", "layernorm", "lora", "full")
@@ -42,7 +47,9 @@ class LoraSettings:
 class ModelSection:
     """What to train: the start checkpoint and the trainability of each component."""
 
-    path: str = ""  # a checkpoint in the published layout (or a config.json for --dry-run)
+    # A checkpoint in the published layout, a hub id (ORG/NAME[@REV]), a training run directory (its
+    # newest complete checkpoint is used), or a config.json for --dry-run.
+    path: str = ""
     dtype: str = "float32"
     device: str = "cpu"
     vision: str = "frozen"
@@ -118,22 +125,65 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------- loading
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a recipe YAML (or start from defaults when ``path`` is None) and apply ``key=value`` overrides.
+def shipped_recipes() -> dict[str, Traversable]:
+    """{name: YAML resource} of the recipes shipped with nvila (``nvila/recipes/*.yaml``), by name."""
+    root = resources.files("nvila") / "recipes"
+    return {e.name[: -len(".yaml")]: e for e in sorted(root.iterdir(), key=lambda e: e.name)
+            if e.name.endswith(".yaml")}
 
-    Relative ``model.path``, ``data.mixture`` and ``run.output_dir`` stay relative to the current
-    directory, as on any command line.
+
+def find_recipe(spec: str | os.PathLike) -> Path | Traversable:
+    """A recipe YAML: an existing file, else a shipped recipe by name (``finetune_lora[.yaml]``).
 
     Raises:
-        TrainConfigError: unreadable YAML, unknown keys, bad types or values.
+        TrainConfigError: neither; the message lists the shipped names.
+    """
+    p = Path(spec)
+    if p.is_file():
+        return p
+    shipped = shipped_recipes()
+    name = p.name.removesuffix(".yaml")
+    if p.parent == Path(".") and name in shipped:
+        return shipped[name]
+    raise TrainConfigError(f"{spec}: no such config file, and no recipe of that name ships with nvila "
+                           f"(shipped: {', '.join(shipped)})")
+
+
+# What model.path may be, for the errors that ask for it.
+MODEL_PATH_HINT = ("model.path=CKPT: a checkpoint directory in the published layout, a hub id ORG/NAME, or an "
+                   "earlier stage's run.output_dir")
+
+
+def resolve_start(path: str) -> str:
+    """``model.path`` as given, or, for a training run directory, its newest complete checkpoint.
+
+    A directory without ``config.json`` that holds ``checkpoint-*`` directories is a run directory
+    (``run.output_dir`` of an earlier stage); anything else is returned unchanged for the loader.
+    """
+    p = Path(path)
+    if not path or not p.is_dir() or (p / "config.json").exists():
+        return path
+    from .state import list_checkpoints
+
+    found = list_checkpoints(p)
+    return str(found[-1]) if found else path
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a recipe (YAML path or shipped name; defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    Relative ``model.path``, ``data.mixture`` and ``run.output_dir`` stay relative to the current
+    directory, as on any command line. A ``model.path`` naming a training run directory becomes its
+    newest complete checkpoint (``resolve_start``).
+
+    Raises:
+        TrainConfigError: unknown recipe, unreadable YAML, unknown keys, bad types or values.
     """
     import yaml
 
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise TrainConfigError(f"{p}: no such config file")
+        p = find_recipe(path)
         try:
             raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
@@ -153,6 +203,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Tr
         node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
     cfg = _build(TrainConfig, raw, "")
     validate(cfg)
+    cfg.model.path = resolve_start(cfg.model.path)
     return cfg
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import COMPONENTS, TrainConfig, TrainConfigError
+from .config import COMPONENTS, MODEL_PATH_HINT, TrainConfig, TrainConfigError
 from .peft import MODULES, NF4Linear, apply_trainability
 from .trainer import DTYPES
 
@@ -49,10 +49,12 @@ def memory_report(cfg: TrainConfig) -> dict:
     from nvila.config import ConfigError, NVILAConfig
     from nvila.model import NVILAForConditionalGeneration
 
+    if not cfg.model.path:
+        raise TrainConfigError(f"model.path is not set: give the checkpoint to report on ({MODEL_PATH_HINT})")
     try:
         config = NVILAConfig.from_pretrained(cfg.model.path)
     except ConfigError as e:
-        raise TrainConfigError(f"model.path: {e}") from None
+        raise TrainConfigError(f"model.path: {e} (set {MODEL_PATH_HINT})") from None
     model = NVILAForConditionalGeneration.on_meta(config).to(DTYPES[cfg.model.dtype])
     apply_trainability(model, cfg.model)
     components = {}

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from . import distributed as D
 from . import state as S
-from .config import TrainConfig, TrainConfigError, accumulation_steps, total_steps
+from .config import MODEL_PATH_HINT, TrainConfig, TrainConfigError, accumulation_steps, total_steps
 from .data import IGNORE_INDEX, MixtureDataset, SampleEncoder, SampleStream, load_mixture
 from .packing import collate, num_targets, to_device, token_sources, use_packed_attention
 from .peft import apply_trainability, component_parameters
@@ -61,13 +61,14 @@ def check(cfg: TrainConfig, world_size: int, *, resume: bool = False) -> tuple[M
     from nvila.checkpoint import CheckpointError, check_layout
 
     if not cfg.model.path:
-        raise TrainConfigError("model.path is not set: give the checkpoint to start from (model.path=DIR)")
+        raise TrainConfigError(f"model.path is not set: give the checkpoint to start from ({MODEL_PATH_HINT})")
     try:
         check_layout(cfg.model.path)
     except CheckpointError as e:
-        raise TrainConfigError(f"model.path: {e}") from None
+        raise TrainConfigError(f"model.path: {e} (set {MODEL_PATH_HINT})") from None
     if not cfg.data.mixture:
-        raise TrainConfigError("data.mixture is not set: give a mixture YAML (data.mixture=FILE)")
+        raise TrainConfigError("data.mixture is not set: give a mixture YAML (data.mixture=FILE; the format is in "
+                               "docs/training.md)")
     accum = accumulation_steps(cfg, world_size)
     dataset = MixtureDataset(load_mixture(cfg.data.mixture), seed=cfg.run.seed)
     if len(dataset) // world_size < cfg.optim.micro_batch_size:
