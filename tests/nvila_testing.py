@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_GOLDEN = REPO.parent / "shared" / "golden"
 ASSETS = REPO / "tests" / "assets"
-GOLDEN = ASSETS / "golden"
+GOLDEN = ASSETS / "golden"  # copy of the golden parity set: expected/, inputs/, tokenizer/ (xz)
+CONFIGS = ASSETS / "configs"  # published top-level config.json of NVILA-8B, -15B, -Lite-2B, -Lite-8B, -8B-Video
 
 
 def golden_case(name: str) -> tuple[dict, dict[str, np.ndarray]]:

@@ -18,10 +18,10 @@ from PIL import Image
 
 from nvila import NVILAForConditionalGeneration, NVILAProcessor
 from nvila.cli import main
+from nvila_testing import CONFIGS
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "assets"
-SHARED_CONFIGS = Path(__file__).resolve().parents[2].parent / "shared" / "configs"
 PUBLISHED = ("NVILA-8B", "NVILA-15B", "NVILA-Lite-2B", "NVILA-Lite-8B", "NVILA-8B-Video")
 FAST = ["--max-new-tokens", "3"]
 
@@ -263,7 +263,7 @@ def test_keyboard_interrupt(capsys, tiny_checkpoints, monkeypatch):
 # -------------------------------------------------------------------------------------- inspect
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_inspect_published_configs(capsys, name):
-    report = run_json(capsys, ["inspect", SHARED_CONFIGS / f"{name}.json"])
+    report = run_json(capsys, ["inspect", CONFIGS / f"{name}.json"])
     params = report["parameters"]
     assert params["total"] == params["vision_tower"] + params["mm_projector"] + params["llm"]
     [image] = report["images"]
@@ -279,7 +279,7 @@ def test_inspect_published_configs(capsys, name):
 
 
 def test_inspect_human_output(capsys):
-    code, out, err = run(capsys, ["inspect", SHARED_CONFIGS / "NVILA-8B.json", "--image-size", "1000x700",
+    code, out, err = run(capsys, ["inspect", CONFIGS / "NVILA-8B.json", "--image-size", "1000x700",
                                   "448x448", "--video-frames", "16"])
     assert code == 0, err
     assert "8.09 B" in out
@@ -318,7 +318,7 @@ def test_inspect_tiny_checkpoint_matches_the_model(capsys, tiny_checkpoints, fam
 ])
 def test_inspect_bad_input(capsys, media, argv):
     values = {"media": {**{k: str(v) for k, v in media.items()}, "root": str(media["png"].parent)},
-              "configs": str(SHARED_CONFIGS)}
+              "configs": str(CONFIGS)}
     assert_bad_input(*run(capsys, ["inspect", *(a.format(**values) for a in argv)]))
 
 
@@ -326,6 +326,6 @@ def test_main_restores_logging(capsys):
     """In-process callers keep their logging: main() removes its stderr handler when it returns."""
     log = logging.getLogger("nvila")
     before = (list(log.handlers), log.level, log.propagate)
-    for argv in (["inspect", SHARED_CONFIGS / "NVILA-8B-Video.json"], ["-v", "inspect", "missing.json"]):
+    for argv in (["inspect", CONFIGS / "NVILA-8B-Video.json"], ["-v", "inspect", "missing.json"]):
         run(capsys, argv)
         assert (list(log.handlers), log.level, log.propagate) == before

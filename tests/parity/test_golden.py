@@ -1,4 +1,4 @@
-"""Parity with the reference implementation on the golden cases (../shared/golden, copied to tests/assets).
+"""Parity with the reference implementation on the golden cases (tests/assets/golden).
 
 Criteria (golden README): identical sequence length and per-medium embedding lengths, identical ids
 outside media spans, max |Δ| <= 1e-4 on the last two prompt positions' logits and on every medium's

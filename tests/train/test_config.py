@@ -11,11 +11,12 @@ from nvila.train.cli import main
 from nvila.train.config import TRAINABILITY, TrainConfigError, load_config, shipped_recipes
 from nvila.train.memory import GIB, memory_report
 
+from nvila_testing import CONFIGS
 from trainkit import image_mixture, make_image_data, tiny_ckpts, video_mixture  # noqa: F401 (fixtures)
 
 SHIPPED = shipped_recipes()
 EXAMPLE_MIXTURE = Path(__file__).resolve().parents[2] / "docs" / "mixture_example.yaml"
-NVILA_8B = Path(__file__).resolve().parents[3] / "shared" / "configs" / "NVILA-8B.json"
+NVILA_8B = CONFIGS / "NVILA-8B.json"
 
 
 def test_every_recipe_is_shipped():

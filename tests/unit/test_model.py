@@ -11,13 +11,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from nvila_testing import GOLDEN
+from nvila_testing import CONFIGS, GOLDEN
 from nvila import NVILAConfig, NVILAForConditionalGeneration, NVILAProcessor
 from nvila.checkpoint import CheckpointError
 
 IMAGE = str(GOLDEN / "inputs" / "image_1000x700.png")
 VIDEO = str(GOLDEN / "inputs" / "video_37f")
-SHARED_CONFIGS = Path(__file__).resolve().parents[2].parent / "shared" / "configs"
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +182,7 @@ def test_bfloat16_runs(tiny_checkpoints):
 
 @pytest.mark.parametrize("name", ["NVILA-8B", "NVILA-15B", "NVILA-Lite-2B", "NVILA-Lite-8B", "NVILA-8B-Video"])
 def test_published_configs_build_on_meta(name):
-    cfg = NVILAConfig.from_pretrained(SHARED_CONFIGS / f"{name}.json")
+    cfg = NVILAConfig.from_pretrained(CONFIGS / f"{name}.json")
     model = NVILAForConditionalGeneration.on_meta(cfg)
     counts = model.num_parameters()
     assert all(p.is_meta for p in model.parameters())
