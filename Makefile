@@ -1,7 +1,8 @@
 # nvila developer entry points.
 #   make demo      set up .venv with the package alone (if needed) and run the demo on the bundled model
-#   make test      set up .venv with every extra (if needed) and run the default test suite (no slow tests)
-#   make test-all  same, including tests marked slow
+#   make test      set up .venv with every extra (if needed) and run the default test tier (no slow tests)
+#   make test-slow same, only the tests marked slow (subprocess CLIs, torchrun, browser, wheel, SynthVILA)
+#   make test-all  both tiers in one run
 #   make bench     run every benchmarks/bench_*.py
 #   make synthvila retrain the bundled SynthVILA model (recipes/synthvila/train.py, ~93 min on 2 cores)
 #   make ablations the scale-then-compress ablations on it (benchmarks/ablations.py, ~70 min)
@@ -33,7 +34,7 @@ quiet_pip = $(PIP) install -q $(1) 2>$(VENV)/.pip-stderr; rc=$$?; \
 	rm -f $(VENV)/.pip-stderr; [ $$rc -eq 0 ]
 
 .DEFAULT_GOAL := test
-.PHONY: venv venv-core test test-all demo bench synthvila ablations clean distclean
+.PHONY: venv venv-core test test-slow test-all demo bench synthvila ablations clean distclean
 
 venv: $(STAMP_FULL)
 venv-core: $(STAMP_CORE)
@@ -62,6 +63,9 @@ $(STAMP_FULL): pyproject.toml
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: venv
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 test-all: venv
 	$(PY) -m pytest -q -m '' $(PYTEST_ARGS)
