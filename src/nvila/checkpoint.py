@@ -86,12 +86,6 @@ def read_state(component_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_metadata(component_dir: Path) -> dict[str, str]:
-    """The ``__metadata__`` of the first safetensors file of a component."""
-    with safe_open(safetensors_files(component_dir)[0], framework="pt", device="cpu") as f:
-        return dict(f.metadata() or {})
-
-
 # -------------------------------------------------------------------------------------- key maps
 # One map per component: (published prefix, module prefix) pairs, first match wins. The published
 # layouts use transformers' own names (Qwen2ForCausalLM, SiglipVisionModel) and the projector's

@@ -24,8 +24,6 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-IMAGE_FAMILIES = ("fine_code", "coarse_colour", "coarse_count", "coarse_shape", "compare_count", "compare_colour")
-VIDEO_FAMILIES = ("video_colour", "video_order", "video_count")
 PUBLISHED = ("config.json", "llm", "vision_tower", "mm_projector")
 
 
