@@ -97,6 +97,8 @@ def test_malformed_and_oversized_requests_get_4xx_and_the_server_stays_up(live_s
     big = b'{"messages": [{"role": "user", "content": "' + b"x" * (2 << 20) + b'"}]}'  # limit: 2 MiB
     r = httpx.post(url, content=big, headers={"content-type": "application/json"})
     assert r.status_code == 413 and "larger than the limit" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b"[" * 5000 + b"]" * 5000, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "nests arrays and objects 5000 deep" in r.json()["error"]["message"]
     c = client(live_server)
     bad = [({"type": "image_url", "image_url": {"url": "data:image/png;base64,!!"}}, "not valid base64"),
            ({"type": "audio_url", "audio_url": {"url": "x"}}, "'audio_url'"),
@@ -117,6 +119,9 @@ def test_malformed_and_oversized_requests_get_4xx_and_the_server_stays_up(live_s
         ask(c, [], "x", max_tokens=65)
     with pytest.raises(openai.BadRequestError, match="n=2"):
         ask(c, [], "x", n=2)
+    with pytest.raises(openai.BadRequestError, match="seed: Input should be less than") as e:
+        ask(c, [], "x", seed=2**64)
+    assert e.value.body["param"] == "seed"
     assert ask(c, [], "still there?").choices[0].finish_reason in ("stop", "length")
 
 

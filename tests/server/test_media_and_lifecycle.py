@@ -1,6 +1,7 @@
 """In-process tests of media sources (data URLs, temp files, local paths, remote URLs) and of request
-lifecycles: client disconnects cancel the engine request, requests run concurrently, one log line
-per request, and the engine is shut down with the app."""
+lifecycles: client disconnects cancel the engine request (and, in the real engine, free its slot and
+KV cache), requests run concurrently, one log line per request, and the engine is shut down with the
+app."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from nvila.engine import Engine, EngineConfig
 from nvila.server import ServerLimits, create_app
 
 from server_testing import ASSETS
@@ -103,8 +105,10 @@ def _scope(body: bytes) -> dict:
             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
 
 
-async def _call_then_disconnect(app, body: dict, *, after_first_chunk: bool) -> list[dict]:
-    """Drive the app as a server would, with a client that disconnects early."""
+async def _call_then_disconnect(app, body: dict, *, after_first_chunk: bool = False,
+                                after: threading.Event | None = None) -> list[dict]:
+    """Drive the app as a server would, with a client that disconnects early: once ``after`` is set
+    if given, else after the first body chunk (or 0.1 s)."""
     raw = json.dumps(body).encode()
     sent: list[dict] = []
     first = asyncio.Event()
@@ -115,7 +119,9 @@ async def _call_then_disconnect(app, body: dict, *, after_first_chunk: bool) -> 
         calls += 1
         if calls == 1:
             return {"type": "http.request", "body": raw, "more_body": False}
-        if after_first_chunk:
+        if after is not None:
+            await asyncio.to_thread(after.wait, 60)
+        elif after_first_chunk:
             await first.wait()
         else:
             await asyncio.sleep(0.1)
@@ -144,6 +150,48 @@ def test_client_disconnect_cancels_the_engine_request(fake_engine, caplog, strea
     assert elapsed < 0.8, f"the request ran on for {elapsed:.2f} s after the client left"
     assert any(handle.id in r.getMessage() and "cancelled (client disconnected)" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_vanished_clients_slot_and_kv_cache_are_freed(tiny_lite, monkeypatch, stream):
+    """The real engine with one slot: the client leaves while its request holds the slot; the
+    request ends with "abort", the slot and its cache positions are released, and the next request
+    (which could not run otherwise) is answered."""
+    engine = Engine.from_pretrained(tiny_lite, config=EngineConfig(max_batch_size=1))
+    admitted, resume, held, handles = threading.Event(), threading.Event(), [], []
+    admit, step = engine._admit, engine._step
+
+    def admit_once(r):
+        admit(r)
+        if not handles:
+            handles.append(r.handle)
+            held.append(engine.stats())
+            admitted.set()
+
+    monkeypatch.setattr(engine, "_admit", admit_once)
+    monkeypatch.setattr(engine, "_step", lambda: (resume.wait(60), step())[1])  # decoding waits for the client to go
+    app = create_app(engine)
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 500, "temperature": 0,
+            "stream": stream}
+    try:
+        asyncio.run(_call_then_disconnect(app, body, after=admitted))
+        resume.set()
+        [victim] = handles
+        [stats] = held  # while the client was there: its prompt in the only slot
+        assert (stats["running"], stats["slots"], stats["kv_tokens"]) == (1, 1, victim.metrics.prompt_tokens)
+
+        async def next_request():
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                return await c.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+
+        r = asyncio.run(next_request())
+        assert r.status_code == 200, r.text
+        assert victim.finish_reason == "abort" and victim.cancelled
+        stats = engine.stats()
+        assert (stats["running"], stats["waiting"], stats["kv_tokens"]) == (0, 0, 0)
+    finally:
+        resume.set()
+        engine.shutdown()
 
 
 def test_requests_run_concurrently(fake_engine):

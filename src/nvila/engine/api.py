@@ -20,7 +20,9 @@ class GenerationRequest:
             string or parts of type text / image / video / image_url / video_url).
         max_tokens: new-token limit (None: up to the context length).
         temperature / top_p / top_k / repetition_penalty: sampling; temperature 0 or do_sample False = greedy.
-        seed: per-request random seed (sampling is reproducible for a seed).
+        seed: per-request random seed (sampling is reproducible for a seed), in [-2**63, 2**64) as
+            ``torch.Generator.manual_seed`` takes it (a negative seed wraps modulo 2**64); ``submit``
+            raises ``ValueError`` outside it.
         stop: extra stop strings; the checkpoint's stop tokens apply unless ``ignore_eos``.
         ignore_eos: keep generating through stop tokens (benchmarks; fixed-length decodes).
         options: processor options (max_tiles, num_video_frames, fps).

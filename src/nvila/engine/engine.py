@@ -6,6 +6,12 @@ iteration admits at most one waiting request (its media encoding + prefill), the
 step for every running request, so a new request stalls the others for at most one prefill.
 Handles stream ``TokenEvent``s (a blocking iterator and an async iterator).
 
+Every request ends with exactly one final event, whatever fails. An exception while admitting a
+request (media encoding, prefill, seeding, first sample) or while sampling or recording its token
+ends only that request with "error"; an exception in the batched decode ends the requests of that
+step. The engine keeps serving. Should the scheduler thread itself die, the engine closes and
+everything it holds ends with "abort".
+
 Media features are cached by a hash of their pixels, so a follow-up turn about the same image or
 video does not re-encode it.
 """
@@ -32,6 +38,8 @@ from .api import GenerationRequest, RequestMetrics, TokenEvent
 from .runner import Runner
 
 logger = logging.getLogger(__name__)
+
+SEED_RANGE = (-2**63, 2**64)  # [lo, hi): what torch.Generator.manual_seed takes (negatives wrap mod 2**64)
 
 
 @dataclass
@@ -207,6 +215,8 @@ class Engine:
             raise EngineClosed("the engine is shut down")
         if request.max_tokens is not None and request.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        if request.seed is not None and not SEED_RANGE[0] <= request.seed < SEED_RANGE[1]:
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {request.seed}")
         SamplingParams(do_sample=request.do_sample, temperature=request.temperature, top_k=request.top_k,
                        top_p=request.top_p, repetition_penalty=request.repetition_penalty)
         submitted = time.perf_counter()
@@ -218,6 +228,8 @@ class Engine:
         handle = RequestHandle(f"req-{uuid.uuid4().hex[:16]}", infos[0], metrics)
         running = _Running(handle, request, inputs, _Detokenizer(self.processor.tokenizer, request.stop), submitted)
         with self._wake:
+            if self._shutdown:  # checked again under the lock: the scheduler drains the queue once
+                raise EngineClosed("the engine is shut down")
             self._waiting.append(running)
             self._wake.notify()
         return handle
@@ -235,55 +247,72 @@ class Engine:
             self._thread.join()
 
     def stats(self) -> dict:
-        return {"running": len(self._active), "waiting": len(self._waiting), "cached_media": len(self._features)}
+        """A snapshot: running requests (= KV-cache slots in use, of ``slots``), waiting requests,
+        ``kv_tokens`` (positions held in the cache by running requests) and cached media features."""
+        active = list(self._active)
+        return {"running": len(active), "waiting": len(self._waiting), "slots": self.config.max_batch_size,
+                "kv_tokens": sum(r.position for r in active), "cached_media": len(self._features)}
 
     # -------------------------------------------------------------------------------- scheduler side
     def _loop(self) -> None:
+        """The scheduler thread: ``_serve`` until shutdown. Should a bug escape it, the engine closes
+        all the same (``_serve`` ends what it holds with "abort"), so that no client waits forever."""
+        try:
+            self._serve()
+        except Exception:
+            logger.exception("the engine's scheduler stopped on an error; the engine is closed")
+
+    def _serve(self) -> None:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        while True:
+        new: _Running | None = None
+        try:
+            while True:
+                with self._wake:
+                    while not self._shutdown and not self._waiting and not self._active:
+                        self._wake.wait()
+                    if self._shutdown:
+                        return
+                    for r in [r for r in self._waiting if r.handle.cancelled]:  # free cancelled waiters now
+                        self._waiting.remove(r)
+                        self._finish(r, "abort")
+                    new = (self._waiting.popleft() if self._waiting and len(self._active) < self.config.max_batch_size
+                           else None)
+                try:
+                    if new is not None:
+                        self._admit(new)
+                    if self._active:
+                        self._step()
+                except Exception as e:  # outside the per-request guards (e.g. moving a cache slot): fail the batch
+                    logger.exception("engine step failed")
+                    self._end_all(([new] if new is not None else []) + self._active, "error", error=_describe(e))
+                    self._active.clear()
+        finally:
             with self._wake:
-                while not self._shutdown and not self._waiting and not self._active:
-                    self._wake.wait()
-                if self._shutdown:
-                    break
-                for r in [r for r in self._waiting if r.handle.cancelled]:  # free cancelled waiters now
-                    self._waiting.remove(r)
-                    self._emit(r, TokenEvent(r.handle.id, None, "", "abort"))
-                new = self._waiting.popleft() if self._waiting and len(self._active) < self.config.max_batch_size else None
-            try:
-                if new is not None:
-                    self._admit(new)
-                if self._active:
-                    self._step()
-            except Exception as e:  # a bug must not kill the engine silently: fail the batch, keep serving
-                logger.exception("engine step failed")
-                for r in list(self._active):
-                    self._finish(r, "error", error=f"engine error: {e}")
-        for r in list(self._active) + list(self._waiting):
-            self._finish(r, "abort")
-        self._waiting.clear()
+                self._shutdown = True
+                left = ([new] if new is not None else []) + self._active + list(self._waiting)
+                self._active, self._waiting = [], deque()
+            self._end_all(left, "abort")
 
     def _admit(self, r: _Running) -> None:
         if r.handle.cancelled:
-            self._emit(r, TokenEvent(r.handle.id, None, "", "abort"))
+            self._finish(r, "abort")
             return
         start = time.perf_counter()
         r.handle.metrics.queue_s = start - r.submitted
-        try:
+        try:  # a failure here is this request's alone: the slot it was prefilled into is still free
             embeds = self._embed(r)
-        except (ValueError, RuntimeError) as e:
-            self._emit(r, TokenEvent(r.handle.id, None, "", "error", error=str(e)))
+            logits = self.runner.prefill(len(self._active), embeds)
+            r.handle.metrics.prefill_s = time.perf_counter() - start
+            if r.request.seed is not None:
+                r.generator = torch.Generator(device=logits.device).manual_seed(r.request.seed)
+            token = int(sample(logits[None].float(), r.seen, r.params, r.generator)[0])
+        except Exception as e:
+            self._fail(r, e)
             return
-        slot = len(self._active)
-        logits = self.runner.prefill(slot, embeds)
         r.position = embeds.shape[1]
-        r.handle.metrics.prefill_s = time.perf_counter() - start
-        if r.request.seed is not None:
-            r.generator = torch.Generator(device=logits.device).manual_seed(r.request.seed)
-        token = int(sample(logits[None].float(), r.seen, r.params, r.generator)[0])
         self._active.append(r)
-        self._accept(r, token)
+        self._accept_or_fail(r, token)
 
     def _embed(self, r: _Running) -> torch.Tensor:
         """Prompt embeddings (1, L, H), encoding only media missing from the feature cache."""
@@ -315,26 +344,50 @@ class Engine:
                                                           for k in ("image", "video")))
 
     def _step(self) -> None:
-        active = [r for r in self._active if not r.handle.cancelled]
-        for r in self._active:
-            if r.handle.cancelled:
-                self._finish(r, "abort")
-        if not active:
+        """One decode step for every running request. A failure of the batched forward ends every
+        request of the step; a failure to sample or record one request's token ends that one."""
+        for r in [r for r in self._active if r.handle.cancelled]:
+            self._finish(r, "abort")
+        if not self._active:
             return
-        device = self.model.device
-        tokens = torch.tensor([r.last_token for r in self._active], device=device)
-        positions = torch.tensor([r.position for r in self._active], device=device)
-        logits = self.runner.decode(tokens, positions, max(r.position for r in self._active) + 1).float()
-        if all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in self._active):
-            picked = logits.argmax(-1).tolist()
-        else:
-            picked = [int(sample(logits[i:i + 1], r.seen, r.params, r.generator)[0]) for i, r in enumerate(self._active)]
+        batch = list(self._active)
+        try:
+            device = self.model.device
+            tokens = torch.tensor([r.last_token for r in batch], device=device)
+            positions = torch.tensor([r.position for r in batch], device=device)
+            logits = self.runner.decode(tokens, positions, max(r.position for r in batch) + 1).float()
+            greedy = all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in batch)
+            argmax = logits.argmax(-1).tolist() if greedy else None
+        except Exception as e:
+            logger.exception("decode step failed for %s", ", ".join(r.handle.id for r in batch))
+            self._end_all(batch, "error", error=_describe(e))
+            self._active.clear()  # every slot is free: no cache to move
+            return
+        picked = argmax if argmax is not None else [self._sample_one(r, logits[i:i + 1])
+                                                    for i, r in enumerate(batch)]
         # Every active slot now holds one more position; advance them all before any request can
         # finish, since finishing moves the last slot's cache (``position`` entries) into the hole.
-        for r in self._active:
+        for r in batch:
             r.position += 1
-        for r, token in zip(list(self._active), picked):
+        for r, token in zip(batch, picked):
+            if isinstance(token, Exception):
+                self._fail(r, token)
+            else:
+                self._accept_or_fail(r, token)
+
+    @staticmethod
+    def _sample_one(r: _Running, logits: torch.Tensor) -> int | Exception:
+        """``r``'s next token from its logits row (1, V), or the exception that sampling raised."""
+        try:
+            return int(sample(logits, r.seen, r.params, r.generator)[0])
+        except Exception as e:
+            return e
+
+    def _accept_or_fail(self, r: _Running, token: int) -> None:
+        try:
             self._accept(r, token)
+        except Exception as e:
+            self._fail(r, e)
 
     def _accept(self, r: _Running, token: int) -> None:
         """Record a sampled token: stream its text, or finish the request."""
@@ -380,6 +433,25 @@ class Engine:
         r.handle.finish_reason = reason
         self._emit(r, TokenEvent(r.handle.id, None, tail, reason, error=error))
 
+    def _fail(self, r: _Running, e: Exception) -> None:
+        """End one request with "error" (unless it has already ended), freeing its slot."""
+        logger.error("%s failed", r.handle.id, exc_info=e)
+        if r.handle.finish_reason is None:
+            self._finish(r, "error", error=_describe(e))
+
+    def _end_all(self, rs: list[_Running], reason: str, *, error: str | None = None) -> None:
+        """End the requests not ended yet without touching the cache; the caller frees their slots."""
+        for r in rs:
+            if r.handle.finish_reason is None:
+                r.handle.finish_reason = reason
+                self._emit(r, TokenEvent(r.handle.id, None, "", reason, error=error))
+
     @staticmethod
     def _emit(r: _Running, ev: TokenEvent) -> None:
         r.handle._put(ev)
+
+
+def _describe(e: Exception) -> str:
+    """One line for a client: the exception's type and the first line of its message."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__

@@ -7,8 +7,12 @@ the web demo page at ``/``. The app never serialises requests: each one is submi
 Contracts:
 
 * every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status: malformed
-  JSON and schema errors are 400 (never FastAPI's 422), a missing or wrong API key 401, a body over
-  ``ServerLimits.max_body_bytes`` 413, an unknown route 404;
+  JSON, JSON nested deeper than ``ServerLimits.max_json_depth`` (found by a linear scan before the
+  recursive parser runs) and schema errors, out-of-range numbers included, are 400 (never FastAPI's
+  422), a missing or wrong API key 401, a body over ``ServerLimits.max_body_bytes`` 413, an unknown
+  route 404;
+* a request the engine fails (its error event) is a 500 for a JSON answer, and an error event
+  followed by ``data: [DONE]`` for a stream; every other request goes on;
 * a request's temporary media files are deleted as soon as the engine has taken it, and a request
   whose client goes away (mid-stream or while waiting for a JSON answer) is cancelled in the engine;
 * one log line per finished request (logger ``nvila.server.app``, level INFO): id, finish reason,
@@ -33,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
@@ -120,11 +125,46 @@ def _validation_message(e: ValidationError) -> tuple[str, str | None]:
     return (f"{loc}: {err['msg']}" if loc else err["msg"]), (loc or None)
 
 
-def parse_request(body: bytes) -> ChatCompletionRequest:
-    """Request body -> validated request; ``ApiError`` 400 for bad JSON or a schema violation."""
+_NOT_MARKS = bytes(sorted(set(range(256)) - set(b'"[]{}')))
+_SCAN_CHUNK = 1 << 20  # marks per numpy pass: bounds the scan's memory to a few MiB
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of arrays and objects in a JSON text, found without parsing it.
+
+    Linear time in C-speed passes and no recursion, so a hostile body nested thousands deep costs
+    what its bytes cost. Escaped backslashes go first (a run of them pairs from the left), then
+    escaped quotes; every ``"`` left delimits a string, and a bracket after an odd number of them is
+    string text. Invalid JSON gets a number too (the parser then rejects it).
+    """
+    marks = body.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_MARKS)
+    marks = np.frombuffer(marks, dtype=np.uint8)
+    deepest = level = quotes = 0
+    for start in range(0, len(marks), _SCAN_CHUNK):
+        chunk = marks[start:start + _SCAN_CHUNK]
+        quote = chunk == ord('"')
+        text = (quotes + np.cumsum(quote)) % 2 == 1  # inside a string (or on its opening quote)
+        opens = (chunk == ord("[")) | (chunk == ord("{"))
+        depth = level + np.cumsum(np.where(quote | text, 0, np.where(opens, 1, -1)))
+        deepest, level, quotes = max(deepest, int(depth.max())), int(depth[-1]), quotes + int(quote.sum())
+    return deepest
+
+
+def parse_request(body: bytes, max_depth: int = ServerLimits.max_json_depth) -> ChatCompletionRequest:
+    """Request body -> validated request; ``ApiError`` 400 for bad or too deeply nested JSON, or a
+    schema violation.
+
+    The body must be UTF-8 (RFC 8259; a leading BOM is dropped): the text the depth scan read is the
+    text parsed. (``json.loads`` on bytes would also guess UTF-16 and UTF-32, whose escapes the
+    byte scan cannot see.)
+    """
+    depth = json_depth(body)
+    if depth > max_depth:
+        raise ApiError(400, f"the request body nests arrays and objects {depth} deep; the limit is {max_depth}",
+                       code="invalid_json")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(body.decode("utf-8-sig"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, or an integer of over 4300 digits
         raise ApiError(400, f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
@@ -135,26 +175,34 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
         raise ApiError(400, message, param=param, code="invalid_request") from None
 
 
-def generation_request(req: ChatCompletionRequest, limits: ServerLimits) -> GenerationRequest:
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily, as vLLM's: float32 logits / ~1e-37 overflow
+
+
+def generation_request(req: ChatCompletionRequest, limits: ServerLimits, context_length: int) -> GenerationRequest:
     """The engine request for a validated chat request, with the limits applied; ``messages`` are
     left empty for the caller to fill in (media conversion comes after these cheap checks).
 
-    Sampling follows OpenAI: ``temperature`` defaults to 1 (sampling); 0 means greedy decoding.
+    Sampling follows OpenAI: ``temperature`` defaults to 1 (sampling); 0 (or under ``GREEDY_BELOW``)
+    means greedy decoding. ``max_tokens`` must leave room for a prompt of one token in the context.
     """
     if req.n != 1:
         raise ApiError(400, f"n={req.n} is not supported: this server returns one choice per request", param="n")
     max_tokens = req.max_completion_tokens or req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     if max_tokens is not None and max_tokens > limits.max_tokens:
         raise ApiError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}",
-                       param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
-                       code="max_tokens_over_limit")
+                       param=param, code="max_tokens_over_limit")
+    if max_tokens is not None and max_tokens >= context_length:
+        raise ApiError(400, f"max_tokens={max_tokens} does not fit the context of {context_length} tokens, "
+                       "prompt included", param=param, code="max_tokens_over_limit")
     frames = req.num_video_frames
     if frames is not None and limits.max_video_frames is not None and frames > limits.max_video_frames:
         raise ApiError(400, f"num_video_frames={frames} is over this server's limit of {limits.max_video_frames}",
                        param="num_video_frames")
     temperature = 1.0 if req.temperature is None else req.temperature
+    sampled = temperature >= GREEDY_BELOW
     return GenerationRequest(messages=[], max_tokens=max_tokens or limits.max_tokens,
-                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                             do_sample=sampled, temperature=temperature if sampled else 1.0,
                              top_p=req.top_p or 1.0, top_k=req.top_k or 0,
                              repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed, stop=req.stop_list(),
                              options={"num_video_frames": frames} if frames is not None else {})
@@ -312,8 +360,8 @@ def create_app(engine, *, api_key: str | None = None, allow_local_media: bool = 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _check_key(request, api_key)
-        req = parse_request(await request.body())
-        gen = generation_request(req, limits)
+        req = parse_request(await request.body(), limits.max_json_depth)
+        gen = generation_request(req, limits, engine.context_length)
         inputs = await to_engine_messages(req.messages, policy)
         try:
             gen = dataclasses.replace(gen, messages=inputs.messages)

@@ -7,6 +7,10 @@ Requests are validated strictly (unknown fields are a 400, as OpenAI does), with
   (frames sampled per video; at most the server's limit);
 * ``usage.visual_tokens``: visual tokens per medium, in prompt order.
 
+Every numeric field has a range, and non-finite numbers (``NaN``, ``Infinity``) are refused; the
+ranges are documented on ``ChatCompletionRequest``. A value outside its range is a 400 naming the
+field in ``param``.
+
 ``ApiError`` is the one exception the app turns into ``{"error": {"message", "type", "param",
 "code"}}`` with its HTTP status. This module knows no engine and no media.
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 
 class ApiError(Exception):
@@ -95,8 +99,31 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+MAX_STOP = 4  # stop sequences per request (OpenAI's limit)
+MAX_STOP_CHARS = 256  # characters per stop sequence: the detokenizer holds back this much text
+MAX_N = 128  # OpenAI's range for n; this server answers n=1 only (the app says so for 2..128)
+SEED_RANGE = (-2**63, 2**63)  # [lo, hi): OpenAI's int64 seeds
+
+
 class ChatCompletionRequest(_Strict):
-    """``POST /v1/chat/completions``. ``model`` is accepted and ignored: the server runs one model."""
+    """``POST /v1/chat/completions``. ``model`` is accepted and ignored: the server runs one model.
+
+    Numeric ranges (a value outside is a 400 naming the field; the server's own caps on
+    ``max_tokens`` and ``num_video_frames`` are checked by the app):
+
+    * ``max_tokens`` / ``max_completion_tokens`` >= 1;
+    * ``temperature`` in [0, 2] and ``top_p`` in (0, 1], as OpenAI;
+    * ``top_k`` >= 0 (0 or anything above the vocabulary size: off);
+    * ``repetition_penalty`` in [0.01, 100]: beyond that, dividing or multiplying float32 logits by it
+      can overflow to infinities, which sampling cannot draw from;
+    * ``seed`` a 64-bit signed integer, as OpenAI; negative seeds are fine (torch maps each int64
+      to its own generator state);
+    * ``n`` in [1, 128], as OpenAI (only 1 is served);
+    * ``stop``: at most 4 sequences of at most 256 characters each;
+    * ``num_video_frames`` >= 1.
+    """
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
@@ -105,14 +132,25 @@ class ChatCompletionRequest(_Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=100.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(default=1, ge=1)
+    seed: int | None = Field(default=None, ge=SEED_RANGE[0], lt=SEED_RANGE[1])
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     num_video_frames: int | None = Field(default=None, ge=1)
     user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences are allowed, got {len(stops)}")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters, got one of {longest}")
+        return stop
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
