@@ -52,16 +52,18 @@ class NVILAForConditionalGeneration(nn.Module):
     # --------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
-                        dtype: torch.dtype | None = None, device: torch.device | str | None = None
-                        ) -> "NVILAForConditionalGeneration":
-        """Load a checkpoint in the published layout.
+                        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                        local_files_only: bool = False) -> "NVILAForConditionalGeneration":
+        """Load a checkpoint in the published layout: a directory, or a Hub id ``ORG/NAME[@REVISION]``
+        fetched into the Hugging Face cache (``checkpoint.resolve_checkpoint``; ``local_files_only``
+        or ``HF_HUB_OFFLINE=1``: the cache only).
 
         Modules are built on the meta device, then allocated on ``device`` in ``dtype`` (default
         float32) and filled from safetensors through the per-component key maps. A quantized
         checkpoint declares its quantized modules in its safetensors metadata (``nvila.quant.format``);
         those linears are swapped for the runtime modules before the weights are loaded.
         """
-        root = check_layout(path)
+        root = check_layout(path, local_files_only=local_files_only)
         dtype = dtype or torch_dtype or torch.float32
         device = torch.device(device or "cpu")
         try:

@@ -42,7 +42,7 @@ class LoraSettings:
 class ModelSection:
     """What to train: the start checkpoint and the trainability of each component."""
 
-    path: str = ""  # a checkpoint in the published layout (or a config.json for --dry-run)
+    path: str = ""  # a checkpoint in the published layout or a Hub id ORG/NAME[@REV] (a config.json for --dry-run)
     dtype: str = "float32"
     device: str = "cpu"
     vision: str = "frozen"
