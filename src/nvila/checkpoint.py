@@ -7,10 +7,11 @@ Layout (format ``llava_llama``)::
     <ckpt>/vision_tower/    SigLIP weights, keys "vision_model.*"
     <ckpt>/mm_projector/    projector weights, keys "layers.<i>.weight|bias"
 
-This module owns: finding a component's safetensors files (single file or sharded index), one key
-map per component, strict key checking (missing and unexpected keys are errors), the vocabulary
-resize of spec §2.2, and the tokenizer with its run-time additions (spec §3.1). Pickle files are
-never loaded. It does not know how the modules compute anything.
+This module owns: resolving a Hugging Face Hub id into its cached snapshot (``resolve_checkpoint``),
+finding a component's safetensors files (single file or sharded index), one key map per component,
+strict key checking (missing and unexpected keys are errors), the vocabulary resize of spec §2.2,
+and the tokenizer with its run-time additions (spec §3.1). Pickle files are never loaded (nor
+fetched). It does not know how the modules compute anything.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -38,18 +40,105 @@ class CheckpointError(ValueError):
     """A checkpoint directory does not match the published layout, or its weights do not fit."""
 
 
+# -------------------------------------------------------------------------------------- hub ids
+# A checkpoint argument that is not an existing local path is a Hugging Face Hub model id when it
+# reads ORG/NAME or ORG/NAME@REVISION: exactly one "/" before the "@", ORG and NAME of letters,
+# digits, "_", "-" and "." starting with a letter or digit (so "./x", "../x", "/x", "~/x" and
+# "a/b/c" stay paths), and a revision (branch, tag or commit) without whitespace after the first
+# "@". The Hub's own id rules (length, no "--" or "..") are checked by huggingface_hub.
+HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*)(?:@(?P<revision>\S+))?")
+
+
+def hub_patterns(weights: bool = True) -> list[str]:
+    """The files fetched for a Hub id: the top-level ``config.json`` and, per component, its JSON
+    configs and tokenizer files (``tokenizer.json``, ``vocab.json``, ``tokenizer_config.json``,
+    ``special_tokens_map.json``, ``added_tokens.json``, ``merges.txt``), chat templates (``*.jinja``)
+    and, with ``weights``, its safetensors. Never code (``*.py``) or pickles (``*.bin``, ``*.pt``)."""
+    kinds = ["*.json", "*.txt", "*.jinja", *(["*.safetensors"] if weights else [])]
+    return ["config.json", *(f"{c}/{k}" for c in COMPONENTS for k in kinds)]
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike, *, weights: bool = True,
+                       local_files_only: bool = False) -> Path:
+    """A local checkpoint path, or the snapshot of a Hub id in the Hugging Face cache.
+
+    An existing local path always wins; anything else of the ``HUB_ID`` shape is fetched with
+    ``huggingface_hub.snapshot_download`` (an optional dependency, ``pip install 'nvila[hub]'``)
+    into its cache (``HF_HOME`` / ``HF_HUB_CACHE``), files of ``hub_patterns(weights)`` only.
+
+    Args:
+        path_or_id: a checkpoint directory, a ``config.json``, or ``ORG/NAME[@REVISION]``.
+        weights: also fetch the safetensors (False: configs and tokenizer only, enough for
+            ``NVILAConfig`` and ``nvila inspect``).
+        local_files_only: use the cache only, never the network; ``HF_HUB_OFFLINE=1`` does the same.
+    Returns:
+        The path as given when it exists or is not a Hub id (``check_layout`` reports a missing
+        one), else the snapshot directory.
+    Raises:
+        CheckpointError: in one line: huggingface_hub is not installed; the id is not cached while
+            downloads are off; the Hub cannot be reached; the repository or revision does not exist.
+    """
+    text = os.fspath(path_or_id)
+    match = None if Path(text).exists() else HUB_ID.fullmatch(text)
+    if match is None:
+        return Path(text)
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants, errors
+    except ImportError:
+        raise CheckpointError(f"{text}: no such local directory; to fetch it from the Hugging Face Hub, install "
+                              f"huggingface_hub (pip install 'nvila[hub]')") from None
+    repo, revision = match["repo"], match["revision"]
+    offline = "local_files_only" if local_files_only else "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else None
+    cache = constants.HF_HUB_CACHE
+    try:
+        snapshot = huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=hub_patterns(weights),
+                                                     local_files_only=local_files_only)
+    except errors.RevisionNotFoundError:
+        raise CheckpointError(f"{text}: the Hugging Face Hub repository {repo} has no revision {revision!r}") from None
+    except errors.GatedRepoError:
+        raise CheckpointError(f"{text}: the Hugging Face Hub repository {repo} is gated: accept its terms on the "
+                              f"Hub, then log in (hf auth login, or set HF_TOKEN)") from None
+    except errors.RepositoryNotFoundError:
+        raise CheckpointError(f"{text}: no such local directory, and no model repository {repo} on the Hugging "
+                              f"Face Hub (a private one needs a login: hf auth login, or set HF_TOKEN)") from None
+    except errors.IncompleteSnapshotError:
+        why = f"downloads are off ({offline})" if offline else f"the Hub ({constants.ENDPOINT}) could not be reached"
+        raise CheckpointError(f"{text}: its snapshot in the Hugging Face cache ({cache}) is incomplete and {why}; "
+                              f"download it again online") from None
+    except errors.LocalEntryNotFoundError as e:
+        if offline:
+            raise CheckpointError(f"{text}: no such local directory, and not in the Hugging Face cache ({cache}) "
+                                  f"while downloads are off ({offline}); download it once online") from None
+        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ else ""
+        raise CheckpointError(f"{text}: no such local directory, and the Hugging Face Hub ({constants.ENDPOINT}) "
+                              f"could not be reached{cause}; it is not in the cache ({cache})") from None
+    except errors.HfHubHTTPError as e:
+        raise CheckpointError(f"{text}: the Hugging Face Hub refused the download ({str(e).splitlines()[0]})") from None
+    except errors.HFValidationError as e:
+        raise CheckpointError(f"{text}: no such local directory, and not a valid Hugging Face Hub id ({e})") from None
+    logger.info("%s: using the Hugging Face snapshot %s", text, snapshot)
+    return Path(snapshot)
+
+
 # ---------------------------------------------------------------------------------------- layout
-def check_layout(path: str | os.PathLike) -> Path:
-    """Return the checkpoint root, or raise ``CheckpointError`` naming what is missing."""
-    root = Path(path)
+def check_layout(path: str | os.PathLike, *, weights: bool = True, local_files_only: bool = False) -> Path:
+    """Return the checkpoint root, or raise ``CheckpointError`` naming what is missing.
+
+    ``path`` may be a Hub id: it is resolved first (``resolve_checkpoint``, with the safetensors
+    unless ``weights`` is False) and the snapshot directory is returned, so callers resolve once and
+    pass the returned path on.
+    """
+    root = resolve_checkpoint(path, weights=weights, local_files_only=local_files_only)
+    name = str(root) if root == Path(path) else f"{os.fspath(path)} ({root})"
     if not root.exists():
-        raise CheckpointError(f"{root}: no such checkpoint directory")
+        raise CheckpointError(f"{name}: no such checkpoint directory")
     if not root.is_dir():
-        raise CheckpointError(f"{root}: not a directory (expected a checkpoint with config.json, llm/, "
+        raise CheckpointError(f"{name}: not a directory (expected a checkpoint with config.json, llm/, "
                               f"vision_tower/, mm_projector/)")
     missing = [n for n in ("config.json", *COMPONENTS) if not (root / n).exists()]
     if missing:
-        raise CheckpointError(f"{root}: not an NVILA checkpoint in the published layout (missing: "
+        raise CheckpointError(f"{name}: not an NVILA checkpoint in the published layout (missing: "
                               f"{', '.join(missing)})")
     return root
 

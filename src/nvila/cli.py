@@ -10,7 +10,8 @@ returns the exit code:
 * 130 on Ctrl-C.
 
 A subcommand whose ``--model`` defaults to None (``infer``, ``serve``, ``eval``) runs on the bundled
-SynthVILA checkpoint (``nvila.bundled.default_model_path``) when the flag is left out.
+SynthVILA checkpoint (``nvila.bundled.default_model_path``) when the flag is left out. A checkpoint
+argument may also be a Hugging Face Hub id ``ORG/NAME[@REVISION]`` (``checkpoint.resolve_checkpoint``).
 
 Logs go to stderr through ``logging``: ``-v`` info, ``-vv`` debug; by default warnings only, held
 until the command ends and dropped on bad input. This module knows flags, output formats and
@@ -37,7 +38,8 @@ import torch
 from . import __version__, tiling
 from .argtypes import float_in, int_at_least
 from .bundled import default_model_path
-from .checkpoint import CheckpointError, check_layout, load_tokenizer, resolve_chat_template, token_ids
+from .checkpoint import (CheckpointError, check_layout, load_tokenizer, resolve_chat_template, resolve_checkpoint,
+                         token_ids)
 from .config import ConfigError, NVILAConfig
 from .eval import cli as eval_cli
 from .media import DEFAULT_MAX_PIXELS, MediaError
@@ -62,6 +64,8 @@ EXIT_INTERRUPTED = 130
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv",
                             ".flv", ".3gp"})
 DTYPES = ("float32", "bfloat16", "float16")
+HUB_HELP = ("a Hugging Face Hub id ORG/NAME[@REVISION] (e.g. Efficient-Large-Model/NVILA-8B) when no such local path "
+            "exists, fetched into the Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only")
 
 
 class UsageError(Exception):
@@ -100,7 +104,7 @@ def _device(text: str) -> torch.device:
 def _infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH",
                    help="checkpoint directory in the published layout (config.json, llm/, vision_tower/, "
-                        "mm_projector/); default: the bundled SynthVILA model")
+                        f"mm_projector/), or {HUB_HELP}; default: the bundled SynthVILA model")
     p.add_argument("--media", nargs="+", default=[], metavar="F",
                    help="images and videos, placed before the text in this order. A directory is a video "
                         f"(its files are the frames, in name order); {', '.join(sorted(VIDEO_SUFFIXES))} are "
@@ -213,16 +217,18 @@ def run_infer(args: argparse.Namespace) -> int:
         messages.append({"role": "system", "content": args.system})
     messages.append({"role": "user", "content": [*parts, {"type": "text", "text": args.text}]})
 
-    # Media are decoded before the weights are loaded, so bad media fail fast.
+    # A Hub id is fetched once and both loaders read that snapshot. Media are decoded before the
+    # weights are loaded, so bad media fail fast.
     t0 = time.perf_counter()
-    processor = NVILAProcessor.from_pretrained(args.model, max_tiles=args.max_tiles, num_video_frames=args.num_frames,
+    root = check_layout(args.model)
+    processor = NVILAProcessor.from_pretrained(root, max_tiles=args.max_tiles, num_video_frames=args.num_frames,
                                                fps=args.fps, max_pixels=args.max_pixels)
     t1 = time.perf_counter()
     inputs, infos = processor.prepare([messages], add_generation_prompt=True)
     t2 = time.perf_counter()
     logger.info("preprocessed %d media into a %d-token prompt in %.2f s", len(infos[0]),
                 inputs["input_ids"].shape[1], t2 - t1)
-    model = NVILAForConditionalGeneration.from_pretrained(args.model, torch_dtype=dtype, device=device)
+    model = NVILAForConditionalGeneration.from_pretrained(root, torch_dtype=dtype, device=device)
     t3 = time.perf_counter()
     logger.info("loaded %s (%s, %s) in %.2f s", args.model, args.dtype, device, t3 - t2 + t1 - t0)
     inputs = inputs.to(model.device)
@@ -314,7 +320,8 @@ def _format_infer(r: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------- inspect
 def _inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", metavar="PATH",
-                   help="a checkpoint directory (exact vocabulary from its tokenizer) or a bare top-level config.json")
+                   help="a checkpoint directory (exact vocabulary from its tokenizer), a bare top-level config.json, "
+                        f"or {HUB_HELP} (configs and tokenizer only)")
     p.add_argument("--image-size", type=_image_size, nargs="+", action="extend", metavar="WxH",
                    help="image sizes for the token budget (default: 1000x700)")
     p.add_argument("--video-frames", type=int_at_least(1), metavar="N",
@@ -367,7 +374,7 @@ def _video_budget(cfg: NVILAConfig, frames: int, tok) -> dict[str, Any]:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    path = Path(args.path)
+    path = resolve_checkpoint(args.path, weights=False)
     tok = ids = None
     if path.is_dir():
         check_layout(path)
@@ -380,7 +387,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     params = NVILAForConditionalGeneration.on_meta(cfg, ids).num_parameters()
     llm, vis, enc = cfg.llm, cfg.vision, cfg.video_encoder
     report = {
-        "path": str(path),
+        "path": str(args.path),
         "family": _family(cfg),
         "image_aspect_ratio": cfg.image_aspect_ratio,
         "s2_scales": list(cfg.s2_scales) if cfg.s2_scales else None,

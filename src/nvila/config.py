@@ -221,9 +221,12 @@ class NVILAConfig:
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "NVILAConfig":
-        """Read a checkpoint directory or a bare top-level ``config.json``."""
-        path = Path(path)
+    def from_pretrained(cls, path: str | os.PathLike, *, local_files_only: bool = False) -> "NVILAConfig":
+        """Read a checkpoint directory, a bare top-level ``config.json``, or a Hub id ``ORG/NAME[@REVISION]``
+        (its configs and tokenizer files only are fetched, see ``checkpoint.resolve_checkpoint``)."""
+        from .checkpoint import resolve_checkpoint  # checkpoint.py imports this module
+
+        path = resolve_checkpoint(path, weights=False, local_files_only=local_files_only)
         root = path if path.is_dir() else path.parent
         cfg_file = path / "config.json" if path.is_dir() else path
         top = _read_json(cfg_file)

@@ -5,7 +5,8 @@ transformers' Qwen2 keys). It does not know the tokenizer: the vocabulary size i
 decided by the loader (``len(tokenizer)`` after the run-time token additions).
 
 Tensor contract: ``llm(inputs_embeds (B, L, H), attention_mask (B, L), position_ids (B, L))`` ->
-logits ``(B, L, V)``; cache hooks are transformers' ``past_key_values``.
+logits ``(B, L, V)``; the KV cache is transformers' ``cache=`` argument (a ``Cache``; the
+name since transformers 5.24, which deprecates ``past_key_values``).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class NVILAOutput:
     logits: torch.Tensor  # (B, L, V) or (B, logits_to_keep, V)
-    past_key_values: object | None = None
+    cache: object | None = None  # transformers' Cache, updated in place; None unless use_cache
     loss: torch.Tensor | None = None
 
 
@@ -52,16 +52,18 @@ class NVILAForConditionalGeneration(nn.Module):
     # --------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
-                        dtype: torch.dtype | None = None, device: torch.device | str | None = None
-                        ) -> "NVILAForConditionalGeneration":
-        """Load a checkpoint in the published layout.
+                        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                        local_files_only: bool = False) -> "NVILAForConditionalGeneration":
+        """Load a checkpoint in the published layout: a directory, or a Hub id ``ORG/NAME[@REVISION]``
+        fetched into the Hugging Face cache (``checkpoint.resolve_checkpoint``; ``local_files_only``
+        or ``HF_HUB_OFFLINE=1``: the cache only).
 
         Modules are built on the meta device, then allocated on ``device`` in ``dtype`` (default
         float32) and filled from safetensors through the per-component key maps. A quantized
         checkpoint declares its quantized modules in its safetensors metadata (``nvila.quant.format``);
         those linears are swapped for the runtime modules before the weights are loaded.
         """
-        root = check_layout(path)
+        root = check_layout(path, local_files_only=local_files_only)
         dtype = dtype or torch_dtype or torch.float32
         device = torch.device(device or "cpu")
         try:
@@ -196,21 +198,24 @@ class NVILAForConditionalGeneration(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_block_sizes: list | None = None,
                 pixel_values_videos: torch.Tensor | None = None, video_num_frames: list[int] | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
+                position_ids: torch.Tensor | None = None, cache=None, use_cache: bool = False,
                 labels: torch.Tensor | None = None, logits_to_keep: int = 0) -> NVILAOutput:
-        """input_ids (B, L) -> logits (B, L, V). Left or right padding; positions restart after padding."""
+        """input_ids (B, L) -> logits (B, L, V). Left or right padding; positions restart after padding.
+
+        ``cache`` is a transformers ``Cache`` (e.g. ``DynamicCache()``) that the LLM extends in place.
+        """
         embeds = self.embed(input_ids, pixel_values, image_block_sizes, pixel_values_videos, video_num_frames)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                       past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
+                       cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
         loss = None
         if labels is not None:
             logits = out.logits[:, :-1].float()
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-        return NVILAOutput(logits=out.logits, past_key_values=out.past_key_values, loss=loss)
+        return NVILAOutput(logits=out.logits, cache=out.cache, loss=loss)
 
     # -------------------------------------------------------------------------------- generate
     @torch.inference_mode()
@@ -243,7 +248,7 @@ class NVILAForConditionalGeneration(nn.Module):
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = self(input_ids, attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1, **media)
+        out = self(input_ids, attention_mask, cache=cache, use_cache=True, logits_to_keep=1, **media)
         positions = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1) last real position
         seqs, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
@@ -258,7 +263,7 @@ class NVILAForConditionalGeneration(nn.Module):
             attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)[:, None]], dim=1)
             positions = positions + 1
             out = self.llm(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=positions,
-                           past_key_values=out.past_key_values, use_cache=True)
+                           cache=cache, use_cache=True)
         if streamer is not None:
             streamer.end()
         return seqs

@@ -121,10 +121,12 @@ class NVILAProcessor:
         self._video_start, self._video_end, self._video_sep = enc(vcfg.start_tokens), enc(vcfg.end_tokens), enc(vcfg.sep_tokens)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "NVILAProcessor":
-        """Load from a checkpoint directory. ``overrides`` change preprocessing fields of the config
-        (``max_tiles``, ``num_video_frames``, ``fps``, ...) or set ``max_pixels``."""
-        root = check_layout(path)
+    def from_pretrained(cls, path: str | os.PathLike, *, local_files_only: bool = False,
+                        **overrides: Any) -> "NVILAProcessor":
+        """Load from a checkpoint directory or a Hub id ``ORG/NAME[@REVISION]`` (``checkpoint.check_layout``;
+        of a Hub id only the configs and tokenizer files are fetched). ``overrides`` change preprocessing
+        fields of the config (``max_tiles``, ``num_video_frames``, ``fps``, ...) or set ``max_pixels``."""
+        root = check_layout(path, weights=False, local_files_only=local_files_only)
         max_pixels = overrides.pop("max_pixels", media_io.DEFAULT_MAX_PIXELS)
         config = NVILAConfig.from_pretrained(root)
         if overrides:

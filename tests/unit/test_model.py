@@ -96,8 +96,9 @@ def test_cached_decoding_equals_uncached_forward(nvila):
 
     cache = DynamicCache()
     with torch.no_grad():
-        first = model(**inputs, past_key_values=cache, use_cache=True)
-        step = model.llm(input_ids=out[:, n:n + 1], past_key_values=first.past_key_values, use_cache=True,
+        first = model(**inputs, cache=cache, use_cache=True)
+        assert first.cache is cache
+        step = model.llm(input_ids=out[:, n:n + 1], cache=cache, use_cache=True,
                          position_ids=torch.tensor([[n]]))
     assert (step.logits[0, -1] - logits[n]).abs().max().item() <= 1e-4
 

@@ -202,10 +202,12 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                         config: EngineConfig | None = None, **processor_overrides) -> "Engine":
+        from ..checkpoint import check_layout
         from ..model import NVILAForConditionalGeneration
 
-        processor = NVILAProcessor.from_pretrained(path, **processor_overrides)
-        model = NVILAForConditionalGeneration.from_pretrained(path, torch_dtype=dtype, device=device)
+        root = check_layout(path)  # a Hub id is fetched once; both loaders read the snapshot
+        processor = NVILAProcessor.from_pretrained(root, **processor_overrides)
+        model = NVILAForConditionalGeneration.from_pretrained(root, torch_dtype=dtype, device=device)
         return cls(model, processor, config, model_id=Path(path).name)
 
     # ----------------------------------------------------------------------------------- client side

@@ -48,7 +48,7 @@ def evaluate(model_path: str | os.PathLike, task: str | os.PathLike, limit: int 
     """Exact-match accuracy of a checkpoint on a task JSONL, overall and per family.
 
     Args:
-        model_path: a checkpoint directory in the published layout.
+        model_path: a checkpoint directory in the published layout, or a Hub id ``ORG/NAME[@REVISION]``.
         task: a ``.jsonl`` (or ``.json``) file of LLaVA-style records.
         limit: evaluate only the first ``limit`` records.
         max_new_tokens: decode budget per answer (SynthVILA answers are a few tokens).
@@ -62,6 +62,7 @@ def evaluate(model_path: str | os.PathLike, task: str | os.PathLike, limit: int 
         ValueError: an unreadable task file, no records, ``limit < 1``, or a record without a
             first human turn and an answer.
     """
+    from nvila.checkpoint import check_layout
     from nvila.model import NVILAForConditionalGeneration
     from nvila.processor import NVILAProcessor
     from nvila.train.config import TrainConfigError
@@ -77,8 +78,9 @@ def evaluate(model_path: str | os.PathLike, task: str | os.PathLike, limit: int 
     records = records[:limit] if limit is not None else records
     if not records:
         raise ValueError(f"{path}: no records to evaluate")
-    processor = NVILAProcessor.from_pretrained(model_path, **processor_options)
-    model = NVILAForConditionalGeneration.from_pretrained(model_path, torch_dtype=dtype, device=device)
+    root = check_layout(model_path)  # a Hub id is fetched once; both loaders read the snapshot
+    processor = NVILAProcessor.from_pretrained(root, **processor_options)
+    model = NVILAForConditionalGeneration.from_pretrained(root, torch_dtype=dtype, device=device)
     t0 = time.perf_counter()
     samples = []
     for i, record in enumerate(tqdm(records, desc=f"eval {path.stem}", unit="sample", disable=not progress)):

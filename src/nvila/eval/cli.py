@@ -22,7 +22,9 @@ HELP = "exact-match accuracy of a checkpoint on a SynthVILA task family or a tas
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``nvila eval`` flags to ``parser``."""
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the bundled SynthVILA model)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint directory or Hugging Face Hub id ORG/NAME[@REVISION] (default: the bundled "
+                             "SynthVILA model)")
     parser.add_argument("--task", required=True,
                         help="a task JSONL file, a SynthVILA family name, or 'all' (every family)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate at most N samples (per family for names)")

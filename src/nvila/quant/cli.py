@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of ``nvila quantize``."""
     from .handler import CHOICES
 
-    p.add_argument("--model", required=True, help="full-precision checkpoint (published layout)")
+    p.add_argument("--model", required=True,
+                   help="full-precision checkpoint (published layout): a directory or a Hugging Face Hub id "
+                        "ORG/NAME[@REVISION]")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--vision", default="none", choices=CHOICES["vision"], help="vision tower scheme")
     p.add_argument("--llm", default="none", choices=CHOICES["llm"], help="language model scheme")

@@ -150,8 +150,8 @@ def find_recipe(spec: str | os.PathLike) -> Path | Traversable:
 
 
 # What model.path may be, for the errors that ask for it.
-MODEL_PATH_HINT = ("model.path=CKPT: a checkpoint directory in the published layout, a hub id ORG/NAME, or an "
-                   "earlier stage's run.output_dir")
+MODEL_PATH_HINT = ("model.path=CKPT: a checkpoint directory in the published layout, a hub id "
+                   "ORG/NAME[@REVISION], or an earlier stage's run.output_dir")
 
 
 def resolve_start(path: str) -> str:

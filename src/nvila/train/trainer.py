@@ -154,6 +154,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         resume: continue from the newest complete checkpoint in ``run.output_dir`` (a fresh start if
             there is none).
     """
+    from nvila.checkpoint import check_layout
     from nvila.model import NVILAForConditionalGeneration
     from nvila.processor import NVILAProcessor
 
@@ -173,8 +174,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     # ---- processor, model, trainability
     media = {k: v for k, v in (("max_tiles", cfg.data.max_tiles), ("num_video_frames", cfg.data.num_video_frames),
                                ("fps", cfg.data.fps)) if v is not None}
-    processor = NVILAProcessor.from_pretrained(cfg.model.path, **media)
-    model = NVILAForConditionalGeneration.from_pretrained(cfg.model.path, dtype=dtype, device=device)
+    root = check_layout(cfg.model.path)  # a Hub id: the snapshot ``check`` fetched, read by both loaders
+    processor = NVILAProcessor.from_pretrained(root, **media)
+    model = NVILAForConditionalGeneration.from_pretrained(root, dtype=dtype, device=device)
     model.config = processor.config  # preprocessing overrides travel with the saved checkpoints
     apply_trainability(model, cfg.model)
     if cfg.model.gradient_checkpointing:
