@@ -161,6 +161,7 @@ def test_demo_assets_match_the_generator(tmp_path):
     assert len(list((ASSETS / video["media"][0]).glob("*.png"))) == 31
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end():
     proc = subprocess.run([sys.executable, "-m", "nvila.demo", "--threads", "1", "--device", "cpu"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)

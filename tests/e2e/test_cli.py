@@ -190,6 +190,7 @@ def test_infer_text_only_and_sampling(capsys, tiny_checkpoints):
     check_report(first, tiny_checkpoints["nvila"], [])
 
 
+@pytest.mark.slow
 def test_python_dash_m_entry_point(tiny_checkpoints):
     cmd = [sys.executable, "-m", "nvila", "infer", "--model", str(tiny_checkpoints["nvila-video"]),
            "--media", str(ASSETS / "example.png"), "--text", "What is this?", "--threads", "1", "--json", *FAST]

@@ -13,9 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
+@pytest.mark.slow
 def test_infer_on_the_bundled_model_has_an_empty_stderr():
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS")}

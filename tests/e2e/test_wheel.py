@@ -74,6 +74,7 @@ def test_infer_on_the_bundled_model(installed):
                  "--json", "--threads", "2"], cwd=work)
     result = json.loads(proc.stdout)
     assert result["new_tokens"] >= 1 and result["media"][0]["visual_tokens"] > 0
+    assert proc.stderr == ""  # no library warnings for a user at the default log level
 
 
 def test_finetune_dry_run_uses_the_shipped_recipe(installed):

@@ -22,6 +22,8 @@ from nvila.processor import num_image_tokens, num_video_tokens
 from server_testing import ASSETS, LiveServer
 from test_media_and_lifecycle import MP4_URL
 
+pytestmark = pytest.mark.slow  # every test runs `python -m nvila.server` in a subprocess
+
 PNG_URL = "data:image/png;base64," + base64.b64encode((ASSETS / "example.png").read_bytes()).decode()
 
 

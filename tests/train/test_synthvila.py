@@ -40,6 +40,7 @@ def _losses(path: Path, key: str = "loss") -> list[float]:
     return [json.loads(line)[key] for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_recipe_runs_every_stage_and_the_losses_fall(smoke_run):
     out, _ = smoke_run
     vision = _losses(out / "stage0b_vision" / "final" / "metrics.jsonl")
@@ -55,6 +56,7 @@ def test_recipe_runs_every_stage_and_the_losses_fall(smoke_run):
     assert set(log["stages"]) == set(STAGES)
 
 
+@pytest.mark.slow
 def test_bundle_has_the_published_layout_log_and_eval(smoke_run, tmp_path, capsys):
     _, bundle = smoke_run
     for name in ("config.json", "llm", "vision_tower", "mm_projector", "training_log.jsonl", "train_log.json",
@@ -74,6 +76,7 @@ def test_bundle_has_the_published_layout_log_and_eval(smoke_run, tmp_path, capsy
     assert "81" in capsys.readouterr().out  # Dynamic-S2 over 24/72 px, 2x2: 9 tiles x 9 tokens
 
 
+@pytest.mark.slow
 def test_ablations_smoke_on_the_shared_stage2_checkpoint(smoke_run, tmp_path):
     out, _ = smoke_run
     code = _run_script(REPO / "benchmarks" / "ablations.py",
@@ -103,6 +106,7 @@ def test_ablations_without_a_base_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "no shared checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ablations_table1b_without_a_recipe_run_is_a_clear_error(smoke_run, tmp_path, capsys):
     out, _ = smoke_run
     run = tmp_path / "recipe"
@@ -123,6 +127,7 @@ def test_ablations_table1b_without_a_recipe_run_is_a_clear_error(smoke_run, tmp_
     assert "unknown table ['3']; valid: 1, 1b, 2" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_centre_projector_removes_the_mean_visual_token_and_nothing_else(smoke_run, tmp_path):
     import torch
 

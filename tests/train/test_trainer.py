@@ -79,6 +79,7 @@ def test_resume_continues_exactly(setup, tmp_path):
     assert max(abs(a - b) for a, b in zip(resumed, ref_losses)) <= 1e-6, (resumed, ref_losses)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume(setup, tmp_path):
     ckpt, mixture, ref_losses, _ = setup
     out = tmp_path / "run"
@@ -102,6 +103,7 @@ def test_sigkill_mid_run_then_resume(setup, tmp_path):
     assert max(abs(a - b) for a, b in zip(resumed, ref_losses)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(setup, tmp_path):
     """torchrun --nproc_per_node 2 (gloo, DDP) = one process at the same global batch of 2."""
     ckpt, mixture, ref_losses, _ = setup
