@@ -33,7 +33,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 import anyio
@@ -52,7 +52,6 @@ from .protocol import (ApiError, AssistantMessage, ChatCompletion, ChatCompletio
 
 logger = logging.getLogger(__name__)
 
-STATIC = Path(__file__).parent / "static"
 
 
 class _BodyLimit:
@@ -318,7 +317,7 @@ def create_app(engine, *, api_key: str | None = None, allow_local_media: bool = 
     """
     policy = MediaPolicy(allow_local=allow_local_media, allow_remote=allow_remote_media, max_media=limits.max_media,
                          max_download_bytes=limits.max_body_bytes)
-    page = (STATIC / "index.html").read_text(encoding="utf-8")
+    page = (resources.files(__package__) / "static" / "index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
