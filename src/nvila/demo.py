@@ -137,7 +137,7 @@ def run_demo(model_path: Path, assets: Path, device: str, threads: int | None) -
              f"({report['new_tokens']} new tokens, {report['finish_reason']})")
     _say()
     _say(f"{correct} of {len(examples)} correct. A handful of samples is an illustration; for the held-out "
-         f"accuracy per task family run `nvila eval --task all` (README: the SynthVILA section).")
+         f"accuracy per task family run `nvila eval --task all` (docs/synthvila.md).")
     return 0
 
 
