@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from nvila.quant.linear import (W4A16Linear, W8A8Linear, build_kernel, pack_nibbles, pick_group_size,
-                                quantize_w4, dequantize_w4, reference_forward, unpack_nibbles)
+from nvila.quant import cpu_kernels
+from nvila.quant.linear import (W4A16_CPU_KERNELS, W4A16Linear, W8A8Linear, build_kernel, pack_nibbles,
+                                pick_group_size, quantize_w4, dequantize_w4, reference_forward, unpack_nibbles)
 
 
 def _relerr(a, b):
@@ -89,3 +91,148 @@ def test_unsupported_device_is_a_clear_error(linear):
     q = W8A8Linear.from_float(linear).to("meta")
     with pytest.raises(ValueError, match="no w8a8 kernel for device 'meta'.*cpu"):
         build_kernel(q)
+
+
+# ------------------------------------------------------------------ nvila's AVX2 W4A16 kernels (w4a16_cpu.cpp)
+def _avx2_ops():
+    if not cpu_kernels.load_w4a16_cpu():
+        pytest.skip("nvila's AVX2 W4A16 kernel cannot be built here (needs x86-64 AVX2, a C++ compiler and ninja)")
+    return torch.ops.nvila
+
+
+def _random_w4(n, k, group_size, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    m = W4A16Linear(k, n, group_size=group_size, bias=bias)
+    m.qweight = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=g)
+    m.scales = torch.rand(n, k // group_size, generator=g) * 0.02 + 0.001
+    m.zeros = torch.randint(0, 16, (n, k // group_size), dtype=torch.uint8, generator=g)
+    if bias:
+        m.bias = torch.randn(n, generator=g)
+    return m
+
+
+def _dyn8_activations(x, group_size):
+    """What the dyn8 kernel does to its input: symmetric int8 per row and group, scale amax / 127."""
+    xg = x.reshape(x.shape[0], -1, group_size)
+    s = (xg.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-30)
+    return (torch.round(xg / s) * s).reshape(x.shape)
+
+
+SHAPES = [(96, 256, 64, True), (97, 1536, 128, False), (8, 512, 256, True), (260, 8960, 128, False)]
+
+
+@pytest.mark.parametrize("n,k,group_size,bias", SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_avx2_fp32_gemv_matches_reference(n, k, group_size, bias, rows):
+    ops = _avx2_ops()
+    m = _random_w4(n, k, group_size, bias)
+    x = torch.randn(rows, k)
+    out = ops.w4a16_linear_f32(x, m.qweight, m.scales, m.zeros, group_size, m.bias)
+    ref = F.linear(x.double(), m.dequantized_weight().double(), None if m.bias is None else m.bias.double())
+    # fp32 products are exact; only the summation order differs from a float64 reference
+    assert out.shape == (rows, n) and out.dtype == torch.float32
+    assert _relerr(out, ref) < 2e-6
+    assert _relerr(ops.w4a16_linear_f32(x, m.qweight, m.scales, m.zeros, group_size, m.bias), out) == 0.0
+
+
+@pytest.mark.parametrize("n,k,group_size,bias", SHAPES)
+@pytest.mark.parametrize("rows", [1, 9])
+def test_avx2_dyn8_gemv_matches_reference(n, k, group_size, bias, rows):
+    ops = _avx2_ops()
+    m = _random_w4(n, k, group_size, bias)
+    x = torch.randn(rows, k)
+    out = ops.w4a16_linear_dyn8(x, m.qweight, m.scales, m.zeros, group_size, m.bias)
+    emulated = F.linear(_dyn8_activations(x, group_size).double(), m.dequantized_weight().double(),
+                        None if m.bias is None else m.bias.double())
+    assert _relerr(out, emulated) < 2e-6  # the same activation rounding: integer dots are exact
+    assert _relerr(out, reference_forward(m, x)) < 1e-2  # int8 activations: ~0.5% on Gaussian data
+
+
+@pytest.mark.parametrize("n,k,group_size,bias", SHAPES)
+@pytest.mark.parametrize("rows", [1, 9])
+def test_avx2_dyn16_gemv_matches_reference(n, k, group_size, bias, rows):
+    ops = _avx2_ops()
+    m = _random_w4(n, k, group_size, bias)
+    x = torch.randn(rows, k)
+    out = ops.w4a16_linear_dyn16(x, m.qweight, m.scales, m.zeros, group_size, m.bias)
+    assert _relerr(out, reference_forward(m, x)) < 1e-4  # int16 activations: ~3e-5 on Gaussian data
+
+
+@pytest.mark.parametrize("n,k,group_size,bias", SHAPES)
+@pytest.mark.parametrize("rows", [1, 40, 300])  # 300: the large-batch slabs
+def test_avx2_dequant_gemm_matches_reference(n, k, group_size, bias, rows):
+    ops = _avx2_ops()
+    m = _random_w4(n, k, group_size, bias)
+    x = torch.randn(rows, k)
+    out = ops.w4a16_linear_dequant(x, m.qweight, m.scales, m.zeros, group_size, m.bias)
+    ref = F.linear(x.double(), m.dequantized_weight().double(), None if m.bias is None else m.bias.double())
+    assert _relerr(out, ref) < 2e-6
+
+
+def test_avx2_dequantize_is_exact():
+    ops = _avx2_ops()
+    m = _random_w4(40, 512, 128, False)
+    torch.testing.assert_close(ops.w4a16_dequantize(m.qweight, m.scales, m.zeros, 128), m.dequantized_weight(),
+                               rtol=0, atol=1e-7)
+
+
+def test_avx2_kernels_reject_bad_inputs():
+    ops = _avx2_ops()
+    m = _random_w4(16, 256, 64, False)
+    with pytest.raises(RuntimeError, match="group size"):
+        ops.w4a16_linear_f32(torch.randn(1, 256), m.qweight, m.scales, m.zeros, 32, None)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        ops.w4a16_linear_f32(torch.randn(1, 256).double(), m.qweight, m.scales, m.zeros, 64, None)
+
+
+def test_avx2_results_do_not_depend_on_threads():
+    ops = _avx2_ops()
+    m = _random_w4(1536, 1536, 128, True)
+    x = torch.randn(2, 1536)
+    gemvs = (ops.w4a16_linear_f32, ops.w4a16_linear_dyn16, ops.w4a16_linear_dyn8)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [op(x, m.qweight, m.scales, m.zeros, 128, m.bias) for op in gemvs]
+        torch.set_num_threads(2)
+        two = [op(x, m.qweight, m.scales, m.zeros, 128, m.bias) for op in gemvs]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))  # rows are split, never a row's sum
+
+
+@pytest.mark.parametrize("kernel", W4A16_CPU_KERNELS)
+@pytest.mark.parametrize("rows", [1, 40])  # the GEMV and, above GEMV_MAX_ROWS, dequantize + MKL
+def test_w4a16_module_runs_each_cpu_kernel(monkeypatch, kernel, rows):
+    if kernel != "int4pack":
+        _avx2_ops()
+    monkeypatch.setenv("NVILA_W4A16_CPU_KERNEL", kernel)
+    m = _random_w4(96, 256, 64, True)
+    x = torch.randn(rows, 256)
+    out, ref = m(x), reference_forward(m, x)
+    assert type(m._kernel).__name__ == ("_W4A16Int4Pack" if kernel == "int4pack" else "_W4A16Avx2")
+    assert _relerr(out, ref) < {"int4pack": 1e-2, "avx2-fp32": 2e-6, "avx2-dyn16": 1e-4, "avx2-dyn8": 1e-2}[kernel]
+
+
+def test_w4a16_falls_back_to_int4pack_when_the_kernel_cannot_build(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "load_w4a16_cpu", lambda: False)
+    monkeypatch.setenv("NVILA_W4A16_CPU_KERNEL", "avx2-fp32")
+    m = _random_w4(96, 256, 64, False)
+    m(torch.randn(1, 256))
+    assert type(m._kernel).__name__ == "_W4A16Int4Pack"
+
+
+def test_unknown_w4a16_kernel_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("NVILA_W4A16_CPU_KERNEL", "avx9")
+    with pytest.raises(ValueError, match="valid: auto, int4pack, avx2-fp32, avx2-dyn16, avx2-dyn8"):
+        _random_w4(96, 256, 64, False)(torch.randn(1, 256))
+
+
+def test_w4a16_auto_picks_the_fp32_avx2_kernel(monkeypatch):
+    _avx2_ops()
+    monkeypatch.delenv("NVILA_W4A16_CPU_KERNEL", raising=False)
+    m = _random_w4(96, 256, 64, False)
+    x = torch.randn(1, 256)
+    out = m(x)
+    assert type(m._kernel).__name__ == "_W4A16Avx2" and m._kernel.gemv == torch.ops.nvila.w4a16_linear_f32
+    assert _relerr(out, reference_forward(m, x)) < 2e-6

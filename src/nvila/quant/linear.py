@@ -25,8 +25,13 @@ Kernels (``KERNELS``: (scheme, device type) -> kernel class), measured on the 2-
 
 * ``w8a8``/cpu: fbgemm via ``quantized.linear_dynamic`` (per-channel prepacked weight, activations
   quantized per call with ``reduce_range`` so AVX2's 16-bit pair sums cannot saturate): 0.88 / 57.
-* ``w4a16``/cpu: ``_weight_int4pack_mm_for_cpu`` with bf16 activations: 0.62 / 255. Dequantizing
-  into an fp32 buffer and calling MKL measured 95 ms at M=1, so the int4 kernel is used at every M.
+* ``w4a16``/cpu: chosen by ``w4a16_cpu_kernel_name``. On x86-64 with AVX2, nvila's own kernels
+  (``w4a16_cpu.cpp``, compiled at first use by ``cpu_kernels.py``): a fused GEMV with fp32 activations
+  for small batches and slab-wise dequantize + MKL fp32 GEMM for large ones, on the checkpoint tensors
+  as stored. Elsewhere, or without a compiler, ``_weight_int4pack_mm_for_cpu`` with bf16 activations.
+  Per Qwen2-1.5B layer at batch 1, weights streamed from DRAM (benchmarks/bench_w4_kernels.py, 2-core
+  Xeon with AVX-512 bf16; 1 thread): int4pack 3.50 ms, avx2-fp32 2.82 ms; with torch limited to AVX2
+  (as on AMD Zen 2) int4pack 4.92 ms, avx2-fp32 2.86 ms.
 * ``w8a8``/cuda: ``torch._int_mm`` on int8 per-token activations (rows padded to 17+; K, N multiples
   of 8). ``w4a16``/cuda: tinygemm ``_weight_int4pack_mm`` (bf16). Neither can be run here; they are
   only chosen on CUDA tensors, and any other device raises a ``ValueError`` naming the supported ones.
@@ -36,11 +41,17 @@ Device and dtype are always those of the module's tensors and the input; outputs
 
 from __future__ import annotations
 
+import logging
+import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import cpu_kernels
+
+logger = logging.getLogger(__name__)
 
 SCHEMES = ("w8a8", "w4a16")
 GROUP_SIZES = (128, 64, 32)  # preferred first; the largest one dividing K is used
@@ -174,10 +185,68 @@ class _W4A16Int4Pack:
         return y if self.bias is None else y + self.bias.float()
 
 
+class _W4A16Avx2:
+    """nvila's AVX2 kernels (``w4a16_cpu.cpp``) on the module's own tensors; fp32 activations, no repacking.
+
+    Up to ``GEMV_MAX_ROWS[name]`` rows (decode, small batches) a fused GEMV reads the 4-bit codes once per
+    call; above that (prefill) ``w4a16_linear_dequant`` dequantizes slabs of rows for MKL's fp32 GEMM. The
+    limits are the measured crossovers (benchmarks/bench_w4_kernels.py ``--sweep``).
+    """
+
+    GEMV_MAX_ROWS = {"avx2-fp32": 8, "avx2-dyn16": 16, "avx2-dyn8": 32}
+
+    def __init__(self, m: "W4A16Linear", name: str):
+        ops = torch.ops.nvila
+        self.gemv = {"avx2-fp32": ops.w4a16_linear_f32, "avx2-dyn16": ops.w4a16_linear_dyn16,
+                     "avx2-dyn8": ops.w4a16_linear_dyn8}[name]
+        self.max_rows = self.GEMV_MAX_ROWS[name]
+        self.qweight, self.zeros = m.qweight.contiguous(), m.zeros.contiguous()
+        self.scales = m.scales.float().contiguous()
+        self.group_size = m.group_size
+        self.bias = None if m.bias is None else m.bias.float().contiguous()
+
+    def __call__(self, x: Tensor) -> Tensor:  # (M, K) float32 -> (M, N) float32
+        op = self.gemv if x.shape[0] <= self.max_rows else torch.ops.nvila.w4a16_linear_dequant
+        return op(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+
+
+W4A16_CPU_KERNELS = ("int4pack", "avx2-fp32", "avx2-dyn16", "avx2-dyn8")
+_logged: set[str] = set()
+
+
+def w4a16_cpu_kernel_name(group_size: int) -> str:
+    """Which CPU W4A16 kernel runs: ``NVILA_W4A16_CPU_KERNEL`` if set (``auto`` by default).
+
+    ``auto`` is ``avx2-fp32`` on x86-64 CPUs with AVX2, for group sizes that are multiples of 64, when the
+    kernel builds; otherwise ``int4pack``. ``avx2-fp32`` keeps the activations in fp32 and was faster than
+    ``int4pack`` both with native bf16 (1.24x cold at 1 thread) and with torch limited to AVX2 (1.72x); the
+    int16/int8-activation variants ``avx2-dyn16`` / ``avx2-dyn8`` are faster still but round the
+    activations per group of ``group_size`` (numbers in benchmarks/RESULTS.md). A kernel that cannot run
+    falls back to ``int4pack``. Logs the kernel once per process.
+    """
+    name = os.environ.get("NVILA_W4A16_CPU_KERNEL", "auto")
+    if name not in ("auto", *W4A16_CPU_KERNELS):
+        raise ValueError(f"NVILA_W4A16_CPU_KERNEL={name!r}; valid: auto, {', '.join(W4A16_CPU_KERNELS)}")
+    if name == "auto":
+        name = "avx2-fp32"
+    fits = group_size % 64 == 0 and (name != "avx2-dyn8" or group_size <= 256)
+    if name != "int4pack" and not (fits and cpu_kernels.load_w4a16_cpu()):
+        name = "int4pack"
+    if name not in _logged:
+        _logged.add(name)
+        logger.info("w4a16 on the CPU runs the %s kernel", name)
+    return name
+
+
+def _w4a16_cpu(m: "W4A16Linear"):
+    name = w4a16_cpu_kernel_name(m.group_size)
+    return _W4A16Int4Pack(m, cuda=False) if name == "int4pack" else _W4A16Avx2(m, name)
+
+
 KERNELS = {
     ("w8a8", "cpu"): _W8A8Cpu,
     ("w8a8", "cuda"): _W8A8Cuda,
-    ("w4a16", "cpu"): lambda m: _W4A16Int4Pack(m, cuda=False),
+    ("w4a16", "cpu"): _w4a16_cpu,
     ("w4a16", "cuda"): lambda m: _W4A16Int4Pack(m, cuda=True),
 }
 

@@ -1,0 +1,413 @@
+// W4A16 CPU kernels for float32 activations, AVX2 + FMA (built at first use by nvila/quant/kernels.py).
+//
+// Both ops read the checkpoint's own tensors, with no repacking:
+//   x       float32 (M, K)         activations, contiguous
+//   qweight uint8   (N, K/2)       two 4-bit codes per byte, even k in the low nibble
+//   scales  float32 (N, K/gs)      W[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g], g = k / gs
+//   zeros   uint8   (N, K/gs)
+//   bias    float32 (N,) or None
+// and return y float32 (M, N) = x @ W^T + bias.
+//
+// nvila::w4a16_linear_f32: fp32 arithmetic throughout. A 32-byte load holds 64 codes; its 32-bit lane i,
+//   nibble p is the code of k = 8i + p. Masking nibble p < 7 in place gives q * 16^p as an int32, which
+//   converts to float exactly and meets x[k] * 16^-p (x pre-permuted and pre-scaled once per call, also
+//   exact), so each product equals q * x[k]; nibble 7 is shifted down instead (its mask would set the
+//   sign bit) and meets x[k] unscaled. Per group: y += s * (sum q x - z * sum x).
+// nvila::w4a16_linear_dyn8: activations quantized to int8 per row and group (symmetric, amax / 127), then
+//   u8 x s8 products with _mm256_maddubs_epi16 (codes <= 15, so no int16 saturation for gs <= 256).
+// nvila::w4a16_linear_dyn16: the same with int16 activations (amax / 32767, relative rounding ~1e-5) and
+//   16-bit lanes holding 4 codes each, multiplied with _mm256_madd_epi16 into int32 sums.
+//
+// nvila::w4a16_linear_dequant: for batches large enough that MKL's fp32 GEMM beats a GEMV per row, W is
+//   dequantized one slab of rows at a time into a reused buffer and multiplied with at::mm.
+// nvila::w4a16_dequantize(qweight, scales, zeros, gs) -> W float32 (N, K) (the reference, for tests).
+//
+// Rows of W are split over threads with at::parallel_for (torch's intra-op pool, torch.set_num_threads).
+// For M > 1, each thread walks its rows in chunks that fit in L2 and applies every activation row to a
+// chunk before moving on, so the weights stream from memory once.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRows = 4;                // weight rows computed together (shares activation loads)
+constexpr int64_t kChunkBytes = 192 * 1024; // weight bytes per chunk for M > 1 (fits in L2)
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Prefetch the same cache line of the next block of R rows (contiguous with this one), once per 64 bytes.
+// With weights streamed from DRAM this made the GEMVs 1.5-1.8x faster on one core (the hardware prefetchers
+// alone leave the core waiting); 2 or 4 blocks ahead were no better. x86 prefetches never fault, so
+// running past the last row is harmless.
+template <int R>
+inline void prefetch_next_block(const uint8_t* w, int64_t half, int64_t k) {
+  for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (R + r) * half + k / 2), _MM_HINT_T0);
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                  const at::Tensor& zeros, int64_t gs, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 (M, K)");
+  const int64_t K = x.size(1), N = qweight.size(0);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == at::kByte && qweight.is_contiguous() &&
+              qweight.size(1) * 2 == K, "qweight must be contiguous uint8 (N, K/2)");
+  TORCH_CHECK(gs > 0 && gs % 64 == 0 && K % gs == 0, "group size must be a multiple of 64 dividing K");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.size(0) == N &&
+              scales.size(1) == K / gs, "scales must be contiguous float32 (N, K/gs)");
+  TORCH_CHECK(zeros.scalar_type() == at::kByte && zeros.is_contiguous() && zeros.size(0) == N &&
+              zeros.size(1) == K / gs, "zeros must be contiguous uint8 (N, K/gs)");
+  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == N),
+              "bias must be contiguous float32 (N,)");
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "CPU tensors only");
+}
+
+// Runs body(m, n0, n1) over all activation rows m and weight rows [n0, n1), split over threads.
+template <typename Body>
+void for_rows(int64_t M, int64_t N, int64_t K, const Body& body) {
+  const int64_t chunk = std::max<int64_t>(kRows, (kChunkBytes / (K / 2)) / kRows * kRows);
+  const int64_t grain = std::max<int64_t>(1, 32768 / K);  // >= 64 KiB of codes per task
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    const int64_t n_end = std::min(N, b1 * kRows);
+    for (int64_t c0 = b0 * kRows; c0 < n_end; c0 += chunk) {
+      const int64_t c1 = std::min(n_end, c0 + chunk);
+      for (int64_t m = 0; m < M; ++m) body(m, c0, c1);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------- fp32
+// xp[64b + 8p + i] = x[64b + 8i + p] * 16^-p (p < 7; p = 7 unscaled); xsum[g] = sum of x over group g.
+void prepare_f32(const float* x, int64_t K, int64_t gs, float* xp, float* xsum) {
+  for (int64_t b = 0; b < K / 64; ++b)
+    for (int p = 0; p < 8; ++p) {
+      const float scale = p == 7 ? 1.0f : std::ldexp(1.0f, -4 * p);  // nibble 7 is shifted down, not masked
+      for (int i = 0; i < 8; ++i) xp[64 * b + 8 * p + i] = x[64 * b + 8 * i + p] * scale;
+    }
+  for (int64_t g = 0; g < K / gs; ++g) {
+    float s = 0.0f;
+    for (int64_t k = 0; k < gs; ++k) s += x[g * gs + k];
+    xsum[g] = s;
+  }
+}
+
+template <int R>
+inline void rows_f32(const uint8_t* w, const float* sc, const uint8_t* zr, const float* xp, const float* xsum,
+                     int64_t K, int64_t gs, float* out) {
+  const int64_t G = K / gs, half = K / 2;
+  __m256 acc[R];
+  float zterm[R];
+  for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); zterm[r] = 0.0f; }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 a0[R], a1[R];
+    for (int r = 0; r < R; ++r) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 64) {
+      __m256i v[R];
+      for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * half + k / 2));
+      if ((k & 127) == 0) prefetch_next_block<R>(w, half, k);
+      const float* xb = xp + k;
+#define NVILA_NIBBLE(P, ACC)                                                                          \
+  {                                                                                                   \
+    const __m256 xv = _mm256_loadu_ps(xb + 8 * (P));                                                  \
+    for (int r = 0; r < R; ++r) {                                                                     \
+      const __m256i c = (P) == 7 ? _mm256_srli_epi32(v[r], 28)                                        \
+                                 : _mm256_and_si256(v[r], _mm256_set1_epi32(0xFu << (4 * (P))));      \
+      ACC[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), xv, ACC[r]);                                    \
+    }                                                                                                 \
+  }
+      NVILA_NIBBLE(0, a0) NVILA_NIBBLE(1, a1) NVILA_NIBBLE(2, a0) NVILA_NIBBLE(3, a1)
+      NVILA_NIBBLE(4, a0) NVILA_NIBBLE(5, a1) NVILA_NIBBLE(6, a0) NVILA_NIBBLE(7, a1)
+#undef NVILA_NIBBLE
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = sc[r * G + g];
+      acc[r] = _mm256_fmadd_ps(_mm256_add_ps(a0[r], a1[r]), _mm256_set1_ps(s), acc[r]);
+      zterm[r] += s * static_cast<float>(zr[r * G + g]) * xsum[g];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - zterm[r];
+}
+
+at::Tensor w4a16_linear_f32(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                            const at::Tensor& zeros, int64_t gs, const std::optional<at::Tensor>& bias) {
+  check_inputs(x, qweight, scales, zeros, gs, bias);
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), G = K / gs;
+  auto y = at::empty({M, N}, x.options());
+  std::vector<float> xp(M * K), xsum(M * G);
+  const float* xd = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) prepare_f32(xd + m * K, K, gs, &xp[m * K], &xsum[m * G]);
+  });
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  const float* sc = scales.data_ptr<float>();
+  const uint8_t* zr = zeros.data_ptr<uint8_t>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  float* out = y.data_ptr<float>();
+  for_rows(M, N, K, [&](int64_t m, int64_t n0, int64_t n1) {
+    float* o = out + m * N;
+    int64_t n = n0;
+    for (; n + kRows <= n1; n += kRows)
+      rows_f32<kRows>(w + n * (K / 2), sc + n * G, zr + n * G, &xp[m * K], &xsum[m * G], K, gs, o + n);
+    for (; n < n1; ++n) rows_f32<1>(w + n * (K / 2), sc + n * G, zr + n * G, &xp[m * K], &xsum[m * G], K, gs, o + n);
+    if (b)
+      for (n = n0; n < n1; ++n) o[n] += b[n];
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------- int8
+// Per group g: xs[g] = amax / 127, codes c = round(x / xs[g]) in [-127, 127], stored permuted so that a
+// 32-byte weight load pairs with them: xq[64b + j] = c[64b + 2j], xq[64b + 32 + j] = c[64b + 2j + 1];
+// xsum[g] = xs[g] * sum(c) (the zero-point term uses the quantized activations too).
+void prepare_dyn8(const float* x, int64_t K, int64_t gs, int8_t* xq, float* xs, float* xsum) {
+  for (int64_t g = 0; g < K / gs; ++g) {
+    float amax = 0.0f;
+    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float s = amax > 0.0f ? amax / 127.0f : 1.0f, inv = 1.0f / s;
+    int32_t total = 0;
+    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+      const int32_t c = static_cast<int32_t>(std::nearbyint(x[k] * inv));
+      const int64_t b = k / 64, j = k % 64;
+      xq[64 * b + (j % 2) * 32 + j / 2] = static_cast<int8_t>(c);
+      total += c;
+    }
+    xs[g] = s;
+    xsum[g] = s * static_cast<float>(total);
+  }
+}
+
+template <int R>
+inline void rows_dyn8(const uint8_t* w, const float* sc, const uint8_t* zr, const int8_t* xq, const float* xs,
+                      const float* xsum, int64_t K, int64_t gs, float* out) {
+  const int64_t G = K / gs, half = K / 2;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  float zterm[R];
+  for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); zterm[r] = 0.0f; }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i a16[R];
+    for (int r = 0; r < R; ++r) a16[r] = _mm256_setzero_si256();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 64) {
+      const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k));
+      const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + k + 32));
+      if ((k & 127) == 0) prefetch_next_block<R>(w, half, k);
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * half + k / 2));
+        const __m256i lo = _mm256_and_si256(v, low);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        a16[r] = _mm256_add_epi16(a16[r], _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo)));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = sc[r * G + g];
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(a16[r], ones));
+      acc[r] = _mm256_fmadd_ps(dot, _mm256_set1_ps(s * xs[g]), acc[r]);
+      zterm[r] += s * static_cast<float>(zr[r * G + g]) * xsum[g];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - zterm[r];
+}
+
+at::Tensor w4a16_linear_dyn8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                             const at::Tensor& zeros, int64_t gs, const std::optional<at::Tensor>& bias) {
+  check_inputs(x, qweight, scales, zeros, gs, bias);
+  TORCH_CHECK(gs <= 256, "the int8-activation kernel needs a group size <= 256 (int16 partial sums)");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), G = K / gs;
+  auto y = at::empty({M, N}, x.options());
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> xs(M * G), xsum(M * G);
+  const float* xd = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) prepare_dyn8(xd + m * K, K, gs, &xq[m * K], &xs[m * G], &xsum[m * G]);
+  });
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  const float* sc = scales.data_ptr<float>();
+  const uint8_t* zr = zeros.data_ptr<uint8_t>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  float* out = y.data_ptr<float>();
+  for_rows(M, N, K, [&](int64_t m, int64_t n0, int64_t n1) {
+    float* o = out + m * N;
+    const int8_t* q = &xq[m * K];
+    int64_t n = n0;
+    for (; n + kRows <= n1; n += kRows)
+      rows_dyn8<kRows>(w + n * (K / 2), sc + n * G, zr + n * G, q, &xs[m * G], &xsum[m * G], K, gs, o + n);
+    for (; n < n1; ++n) rows_dyn8<1>(w + n * (K / 2), sc + n * G, zr + n * G, q, &xs[m * G], &xsum[m * G], K, gs, o + n);
+    if (b)
+      for (n = n0; n < n1; ++n) o[n] += b[n];
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------ int16
+// Per group g: xs[g] = amax / 32767, codes c = round(x / xs[g]), stored so that nibble t of int16 lane l
+// (k = 4l + t within a 64-block) pairs with them: xq[64b + 16t + l] = c[64b + 4l + t]; xsum as for int8.
+void prepare_dyn16(const float* x, int64_t K, int64_t gs, int16_t* xq, float* xs, float* xsum) {
+  for (int64_t g = 0; g < K / gs; ++g) {
+    float amax = 0.0f;
+    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) amax = std::max(amax, std::fabs(x[k]));
+    const float s = amax > 0.0f ? amax / 32767.0f : 1.0f, inv = 1.0f / s;
+    int64_t total = 0;
+    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+      const int32_t c = static_cast<int32_t>(std::nearbyint(x[k] * inv));
+      const int64_t b = k / 64, j = k % 64;
+      xq[64 * b + 16 * (j % 4) + j / 4] = static_cast<int16_t>(c);
+      total += c;
+    }
+    xs[g] = s;
+    xsum[g] = s * static_cast<float>(total);
+  }
+}
+
+template <int R>
+inline void rows_dyn16(const uint8_t* w, const float* sc, const uint8_t* zr, const int16_t* xq, const float* xs,
+                       const float* xsum, int64_t K, int64_t gs, float* out) {
+  const int64_t G = K / gs, half = K / 2;
+  const __m256i low = _mm256_set1_epi16(0x000F);
+  __m256 acc[R];
+  float zterm[R];
+  for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); zterm[r] = 0.0f; }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i a32[R];  // |sum| <= gs * 15 * 32767: no overflow below gs = 4096
+    for (int r = 0; r < R; ++r) a32[r] = _mm256_setzero_si256();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 64) {
+      const __m256i* xv = reinterpret_cast<const __m256i*>(xq + k);
+      const __m256i x0 = _mm256_loadu_si256(xv), x1 = _mm256_loadu_si256(xv + 1);
+      const __m256i x2 = _mm256_loadu_si256(xv + 2), x3 = _mm256_loadu_si256(xv + 3);
+      if ((k & 127) == 0) prefetch_next_block<R>(w, half, k);
+      for (int r = 0; r < R; ++r) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * half + k / 2));
+        const __m256i p0 = _mm256_madd_epi16(_mm256_and_si256(v, low), x0);
+        const __m256i p1 = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), x1);
+        const __m256i p2 = _mm256_madd_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 8), low), x2);
+        const __m256i p3 = _mm256_madd_epi16(_mm256_srli_epi16(v, 12), x3);
+        a32[r] = _mm256_add_epi32(a32[r], _mm256_add_epi32(_mm256_add_epi32(p0, p1), _mm256_add_epi32(p2, p3)));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const float s = sc[r * G + g];
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a32[r]), _mm256_set1_ps(s * xs[g]), acc[r]);
+      zterm[r] += s * static_cast<float>(zr[r * G + g]) * xsum[g];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - zterm[r];
+}
+
+at::Tensor w4a16_linear_dyn16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                              const at::Tensor& zeros, int64_t gs, const std::optional<at::Tensor>& bias) {
+  check_inputs(x, qweight, scales, zeros, gs, bias);
+  TORCH_CHECK(gs <= 4096, "the int16-activation kernel needs a group size <= 4096 (int32 partial sums)");
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), G = K / gs;
+  auto y = at::empty({M, N}, x.options());
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> xs(M * G), xsum(M * G);
+  const float* xd = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) prepare_dyn16(xd + m * K, K, gs, &xq[m * K], &xs[m * G], &xsum[m * G]);
+  });
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  const float* sc = scales.data_ptr<float>();
+  const uint8_t* zr = zeros.data_ptr<uint8_t>();
+  const float* b = bias ? bias->data_ptr<float>() : nullptr;
+  float* out = y.data_ptr<float>();
+  for_rows(M, N, K, [&](int64_t m, int64_t n0, int64_t n1) {
+    float* o = out + m * N;
+    const int16_t* q = &xq[m * K];
+    int64_t n = n0;
+    for (; n + kRows <= n1; n += kRows)
+      rows_dyn16<kRows>(w + n * (K / 2), sc + n * G, zr + n * G, q, &xs[m * G], &xsum[m * G], K, gs, o + n);
+    for (; n < n1; ++n) rows_dyn16<1>(w + n * (K / 2), sc + n * G, zr + n * G, q, &xs[m * G], &xsum[m * G], K, gs, o + n);
+    if (b)
+      for (n = n0; n < n1; ++n) o[n] += b[n];
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------------------ dequantize
+// Rows [n0, n1) of W = (q - z) * s into out (row n at out + (n - n0) * K), k in order.
+void dequantize_rows(const uint8_t* q, const float* sc, const uint8_t* zr, int64_t K, int64_t gs, int64_t n0,
+                     int64_t n1, float* out) {
+  const int64_t G = K / gs;
+  const __m128i low = _mm_set1_epi8(0x0F);
+  at::parallel_for(n0, n1, std::max<int64_t>(1, 65536 / K), [&](int64_t r0, int64_t r1) {
+    for (int64_t n = r0; n < r1; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const __m256 s = _mm256_set1_ps(sc[n * G + g]);
+        const __m256 zs = _mm256_set1_ps(static_cast<float>(zr[n * G + g]) * sc[n * G + g]);
+        const uint8_t* qb = q + n * (K / 2) + g * (gs / 2);
+        float* o = out + (n - n0) * K + g * gs;
+        for (int64_t j = 0; j < gs / 2; j += 16) {  // 16 bytes -> 32 weights in k order
+          const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qb + j));
+          const __m128i lo = _mm_and_si128(v, low), hi = _mm_and_si128(_mm_srli_epi16(v, 4), low);
+          const __m128i c[2] = {_mm_unpacklo_epi8(lo, hi), _mm_unpackhi_epi8(lo, hi)};  // codes of k, k+16
+          for (int h = 0; h < 2; ++h)
+            for (int e = 0; e < 2; ++e) {
+              const __m128i part = e ? _mm_unpackhi_epi64(c[h], c[h]) : c[h];
+              const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(part));
+              _mm256_storeu_ps(o + 2 * j + 16 * h + 8 * e, _mm256_fmsub_ps(f, s, zs));
+            }
+        }
+      }
+  });
+}
+
+at::Tensor w4a16_dequantize(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
+                            int64_t gs) {
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
+  check_inputs(at::empty({0, K}, scales.options()), qweight, scales, zeros, gs, std::nullopt);
+  auto w = at::empty({N, K}, scales.options());
+  dequantize_rows(qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<uint8_t>(), K, gs, 0, N,
+                  w.data_ptr<float>());
+  return w;
+}
+
+// y = x @ W^T + bias for large M: W is dequantized a slab of rows at a time into one reused buffer of about
+// 4 MiB (no (N, K) fp32 copy, whose first-touch page faults alone cost more than the GEMM at M <= 64),
+// and each slab goes through at::mm (MKL's fp32 GEMM) into its columns of y.
+at::Tensor w4a16_linear_dequant(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                                const at::Tensor& zeros, int64_t gs, const std::optional<at::Tensor>& bias) {
+  check_inputs(x, qweight, scales, zeros, gs, bias);
+  const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0);
+  // 4 MiB slabs; at least 512 rows for large M, where MKL re-reads all of x once per slab
+  const int64_t slab = std::min<int64_t>(N, std::max<int64_t>(M >= 256 ? 512 : 16, (1 << 20) / K / 16 * 16));
+  auto y = at::empty({M, N}, x.options());
+  auto buf = at::empty({slab, K}, x.options());
+  for (int64_t n0 = 0; n0 < N; n0 += slab) {
+    const int64_t rows = std::min(slab, N - n0);
+    dequantize_rows(qweight.data_ptr<uint8_t>(), scales.data_ptr<float>(), zeros.data_ptr<uint8_t>(), K, gs, n0,
+                    n0 + rows, buf.data_ptr<float>());
+    auto ys = y.narrow(1, n0, rows);
+    at::mm_out(ys, x, buf.narrow(0, 0, rows).t());
+  }
+  if (bias) y.add_(*bias);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(nvila, m) {
+  m.def("w4a16_linear_f32(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
+  m.def("w4a16_linear_dyn8(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
+  m.def("w4a16_linear_dyn16(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
+  m.def("w4a16_linear_dequant(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int group_size, Tensor? bias) -> Tensor");
+  m.def("w4a16_dequantize(Tensor qweight, Tensor scales, Tensor zeros, int group_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(nvila, CPU, m) {
+  m.impl("w4a16_linear_f32", &w4a16_linear_f32);
+  m.impl("w4a16_linear_dyn8", &w4a16_linear_dyn8);
+  m.impl("w4a16_linear_dyn16", &w4a16_linear_dyn16);
+  m.impl("w4a16_linear_dequant", &w4a16_linear_dequant);
+  m.impl("w4a16_dequantize", &w4a16_dequantize);
+}
