@@ -10,7 +10,9 @@ built). Text-only requests through ``Engine`` (batch 1, greedy, ``ignore_eos``):
 ``decode_tokens_per_s``. The kernel is switched between requests with ``NVILA_W4A16_CPU_KERNEL`` and
 ``reset_kernel()``; every repetition runs each kernel once (A/B/C, A/B/C, ...) after one untimed warm-up
 request, and the table shows medians. Bound: read bandwidth (``torch.sum`` over 1 GiB, same threads) /
-weight bytes read per token.
+weight bytes read per token. For an AVX2-only CPU's torch kernels, run it with
+``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2`` (fbgemm, which runs the
+W8A8 head, keeps its own ISA choice).
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--kernels", nargs="+", default=["int4pack", "avx2-fp32", "avx2-dyn8"])
+    ap.add_argument("--kernels", nargs="+", default=["int4pack", "avx2-fp32", "avx2-dyn16", "avx2-dyn8"])
     args = ap.parse_args()
     print(f"# bench_w4_decode {time.strftime('%Y-%m-%d %H:%M:%S')}  torch {torch.__version__}  "
           f"capability {torch.backends.cpu.get_cpu_capability()}")

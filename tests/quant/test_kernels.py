@@ -236,3 +236,12 @@ def test_w4a16_auto_picks_the_fp32_avx2_kernel(monkeypatch):
     out = m(x)
     assert type(m._kernel).__name__ == "_W4A16Avx2" and m._kernel.gemv == torch.ops.nvila.w4a16_linear_f32
     assert _relerr(out, reference_forward(m, x)) < 2e-6
+
+
+def test_missing_compiler_is_one_warning_and_no_kernel(monkeypatch, caplog):
+    if not cpu_kernels.cpu_supports_avx2():
+        pytest.skip("not an x86-64 AVX2 CPU")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert cpu_kernels.load_w4a16_cpu.__wrapped__() is False  # the uncached function: it would build again
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "needs /nonexistent/c++ to build" in warnings[0].getMessage()

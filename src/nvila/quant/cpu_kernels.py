@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
+import shutil
 from importlib import resources
 
 import torch
@@ -37,13 +39,20 @@ def load_w4a16_cpu() -> bool:
         logger.info("the AVX2 W4A16 kernel needs an x86-64 CPU with AVX2 (torch capability here: %s)",
                     torch.backends.cpu.get_cpu_capability())
         return False
-    try:
-        from torch.utils import cpp_extension
+    from torch.utils import cpp_extension
 
+    compiler = os.environ.get("CXX", "c++")
+    missing = [tool for tool, found in ((compiler, shutil.which(compiler)), ("ninja", cpp_extension.is_ninja_available()))
+               if not found]
+    if missing:
+        logger.warning("nvila's AVX2 W4A16 kernel needs %s to build; using torch's int4 kernel instead",
+                       " and ".join(missing))
+        return False
+    try:
         with resources.as_file(resources.files("nvila.quant") / "w4a16_cpu.cpp") as source:
             cpp_extension.load(name="nvila_w4a16_cpu", sources=[str(source)], extra_cflags=_CFLAGS,
                                extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-    except Exception as e:  # no compiler or ninja, or a failed build: torch's kernels remain
+    except Exception as e:  # a failed build: torch's kernels remain
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         logger.warning("could not build nvila's AVX2 W4A16 kernel (%s); using torch's int4 kernel instead", reason)
         return False
