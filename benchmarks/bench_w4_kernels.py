@@ -38,7 +38,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 
 SHAPES = (("q", 1536, 1536, True), ("k", 256, 1536, True), ("v", 256, 1536, True), ("o", 1536, 1536, False),
@@ -83,7 +82,8 @@ def main() -> None:
     print(f"# load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     t = time.perf_counter()
     if not load_w4a16_cpu():
-        sys.exit("the AVX2 kernels could not be built (see the warning above)")
+        print("not run: nvila's AVX2 kernels could not be built here (see the warning above)")
+        return
     print(f"# nvila AVX2 kernels loaded in {time.perf_counter() - t:.1f} s")
     if args.emulate_avx2:
         import torch._inductor.config as inductor_config
