@@ -83,6 +83,35 @@ def test_processors_steer_and_end_a_request_and_leave_the_others_alone(lite):
     assert banned not in without.token_ids[:1] and len(without.token_ids) == 6
 
 
+def test_a_failing_processor_ends_only_its_request(lite):
+    _, _, engine = lite
+    alone = engine.submit(GenerationRequest(messages=TEXT, max_tokens=8))
+    alone.text()
+
+    def fails_at_third(generated, logits):
+        if len(generated) == 2:
+            raise RuntimeError("injected processor failure")
+        return logits
+
+    class RejectsFirst(LogitsProcessor):
+        def __call__(self, generated, logits):
+            return logits
+
+        def accept(self, token):
+            raise ValueError("injected accept failure")
+
+    bystander = engine.submit(GenerationRequest(messages=TEXT, max_tokens=8))
+    victims = [engine.submit(GenerationRequest(messages=TEXT, max_tokens=8, logits_processors=[p]))
+               for p in (fails_at_third, RejectsFirst())]
+    ends = [list(v)[-1] for v in victims]
+    assert [(e.finish_reason, e.error) for e in ends] == [("error", "RuntimeError: injected processor failure"),
+                                                          ("error", "ValueError: injected accept failure")]
+    assert [len(v.token_ids) for v in victims] == [2, 1]
+    bystander.text()
+    assert bystander.token_ids == alone.token_ids and bystander.finish_reason == "length"
+    assert engine.stats()["running"] == 0
+
+
 def _reference_logprobs(model, processor, msgs, token_ids) -> torch.Tensor:
     """log_softmax of an uncached forward over prompt + answer: row t is the distribution of token t."""
     inputs = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,

@@ -450,12 +450,14 @@ class Engine:
             return e
 
     def _accept_or_fail(self, r: _Running, token: int, logprob: TokenLogprob | None = None) -> None:
+        if logprob is not None:
+            r.logprobs.append(logprob)
         try:
-            self._accept(r, token, logprob)
+            self._accept(r, token)
         except Exception as e:
             self._fail(r, e)
 
-    def _accept(self, r: _Running, token: int, logprob: TokenLogprob | None) -> None:
+    def _accept(self, r: _Running, token: int) -> None:
         """Record a sampled token: stream its text, or finish the request."""
         now = time.perf_counter()
         m = r.handle.metrics
@@ -471,10 +473,9 @@ class Engine:
         if r.params.repetition_penalty != 1.0:
             r.seen = torch.cat([r.seen, torch.tensor([[token]], device=r.seen.device)], dim=1)
         if token in self._stop_ids and not r.request.ignore_eos:
+            del r.logprobs[-1:]  # the stop token's: it is not part of the answer
             self._finish(r, "stop")
             return
-        if logprob is not None:
-            r.logprobs.append(logprob)
         complete = False  # a processor (the JSON constraint) says the answer is complete
         for p in r.processors:
             accept = getattr(p, "accept", None)
