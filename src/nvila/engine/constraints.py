@@ -156,7 +156,9 @@ class JsonConstraint(LogitsProcessor):
     def __call__(self, generated: list[int], logits: torch.Tensor) -> torch.Tensor:
         self.matcher.fill_next_token_bitmask(self.bitmask)
         row = logits[None]  # (1, V): a view, masked in place
-        self._xgr.apply_token_bitmask_inplace(row, self.bitmask.to(logits.device, non_blocking=True))
+        # xgrammar's C++ kernel on the CPU; elsewhere its plain-torch one (no triton or compile step)
+        backend = "cpu" if logits.device.type == "cpu" else "torch_native"
+        self._xgr.apply_token_bitmask_inplace(row, self.bitmask.to(logits.device), backend=backend)
         return logits
 
     def accept(self, token: int) -> bool:
