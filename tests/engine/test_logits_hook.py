@@ -123,9 +123,10 @@ def _reference_logprobs(model, processor, msgs, token_ids) -> torch.Tensor:
     return logits.float().log_softmax(-1)[n - 1:n - 1 + len(token_ids)]  # (T, V)
 
 
-@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 1.5, "top_p": 0.9, "seed": 3}],
-                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [{}, {"do_sample": True, "temperature": 1.5, "top_p": 0.9, "seed": 3},
+                                      {"response_format": JSON_SCHEMA}], ids=["greedy", "sampled", "constrained"])
 def test_logprobs_equal_log_softmax_of_an_uncached_forward(lite, sampling):
+    """The model's own distribution: before temperature, top-p and the JSON mask."""
     model, processor, engine = lite
     k = 5
     h = engine.submit(GenerationRequest(messages=WITH_IMAGE, max_tokens=8, logprobs=True, top_logprobs=k, **sampling))
@@ -147,6 +148,8 @@ def test_logprobs_equal_log_softmax_of_an_uncached_forward(lite, sampling):
             assert any(alt.bytes == lp.bytes and alt.logprob == lp.logprob for alt in lp.top_logprobs)
         if not sampling:
             assert lp.top_logprobs[0].logprob == lp.logprob
+    if "response_format" in sampling:  # the mask moved the choice away from the model's favourite
+        assert any(lp.top_logprobs[0].logprob > lp.logprob for lp in content)
     assert b"".join(bytes(lp.bytes) for lp in content).decode("utf-8", "replace") == "".join(ev.text for ev in events)
 
 

@@ -429,15 +429,17 @@ class Engine:
 
         Args:
             r: the request.
-            logits: (V,) float32, its raw logits row (left unchanged: processors get a copy).
+            logits: (V,) float32, its raw logits row, which no other request reads. Processors may
+                rewrite it in place; they get a copy only when the raw row is still needed, for logprobs.
             token: the token when the step already picked it (the batched greedy argmax), else None.
         """
         if token is None:
             row = logits
             if r.processors:
-                row = logits.clone()
-                for p in r.processors:
-                    row = p(r.handle.token_ids, row)
+                row = logits.clone() if r.request.logprobs else logits
+                with torch.inference_mode():  # the row is an inference tensor: in-place writes need the mode
+                    for p in r.processors:
+                        row = p(r.handle.token_ids, row)
             token = int(sample(row[None], r.seen, r.params, r.generator)[0])
         logprob = token_logprob(logits, token, r.request.top_logprobs, self._speller) if r.request.logprobs else None
         return token, logprob
