@@ -5,6 +5,7 @@ others, logprobs equal log_softmax of an uncached forward, and JSON answers alwa
 from __future__ import annotations
 
 import json
+import sys
 
 import jsonschema
 import pytest
@@ -242,3 +243,16 @@ def test_bad_response_formats_are_refused_at_submit(lite, response_format, messa
         engine.submit(GenerationRequest(messages=TEXT, response_format=response_format))
     assert "\n" not in str(e.value)
     assert engine.stats()["waiting"] == 0
+
+
+def test_without_the_json_extra_a_response_format_is_refused_in_one_line(lite, monkeypatch):
+    model, processor, _ = lite
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import fails, as without `pip install 'nvila[json]'`
+    engine = Engine(model, processor, EngineConfig(max_batch_size=1, max_seq_len=2048))
+    try:
+        with pytest.raises(ConstraintError, match=r"needs the 'json' extra \(pip install 'nvila\[json\]'\)") as e:
+            engine.submit(GenerationRequest(messages=TEXT, response_format={"type": "json_object"}))
+        assert "\n" not in str(e.value)
+        assert engine.submit(GenerationRequest(messages=TEXT, max_tokens=2)).text() is not None  # still serving
+    finally:
+        engine.shutdown()
