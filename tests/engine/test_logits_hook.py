@@ -15,23 +15,12 @@ from nvila import NVILAForConditionalGeneration, NVILAProcessor
 from nvila.engine import ConstraintError, Engine, EngineConfig, GenerationRequest, LogitsProcessor
 from nvila.engine.logprobs import TokenSpeller
 
-from nvila_testing import GOLDEN
+from nvila_testing import GOLDEN, PERSON_FORMAT, PERSON_SCHEMA
 
 IMAGE = str(GOLDEN / "inputs" / "image_1000x700.png")
 TEXT = [{"role": "user", "content": "Describe a person as JSON."}]
 WITH_IMAGE = [{"role": "user", "content": [{"type": "image", "image": IMAGE}, {"type": "text", "text": "What is it?"}]}]
-SCHEMA = {  # every field bounded, so that any model completes it within a few hundred tokens
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 16},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "colour": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
-    },
-    "required": ["name", "age", "colour", "tags"],
-    "additionalProperties": False,
-}
-JSON_SCHEMA = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+SCHEMA, JSON_SCHEMA = PERSON_SCHEMA, PERSON_FORMAT
 
 
 @pytest.fixture(scope="module")
