@@ -1,7 +1,7 @@
 # nvila developer entry points.
 #   make demo      set up .venv with the package alone (if needed) and run the demo on the bundled model
 #   make test      set up .venv with every extra (if needed) and run the default test tier (no slow tests)
-#   make test-slow same, only the tests marked slow (subprocess CLIs, torchrun, browser, wheel, SynthVILA)
+#   make test-slow same, only the tests marked slow (subprocess CLIs, torchrun, browser, wheel, recipe smoke runs)
 #   make test-all  both tiers in one run
 #   make bench     run every benchmarks/bench_*.py
 #   make synthvila retrain the bundled SynthVILA model (recipes/synthvila/train.py, ~93 min on 2 cores)

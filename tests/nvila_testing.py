@@ -19,3 +19,19 @@ def golden_case(name: str) -> tuple[dict, dict[str, np.ndarray]]:
     with np.load(GOLDEN / "expected" / f"{name}.npz", allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     return case, arrays
+
+
+# A JSON schema with every field bounded, so that any model, random weights included, completes it
+# within a few hundred tokens; and the response_format that asks for it (engine and server tests).
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "colour": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+    },
+    "required": ["name", "age", "colour", "tags"],
+    "additionalProperties": False,
+}
+PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}

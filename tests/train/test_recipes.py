@@ -33,6 +33,7 @@ def small_mixture(tmp_path_factory):
     return make_image_data(tmp_path_factory.mktemp("smoke"), 2)
 
 
+@pytest.mark.slow  # each trains 5 steps: ~60 s for the seven recipes
 @pytest.mark.parametrize("recipe", list(CASES))
 def test_recipe_smoke(recipe, tiny_ckpts, small_mixture, video_mixture, tmp_path, capsys):
     family, extra = CASES[recipe]

@@ -4,9 +4,9 @@ The engine knows ids, embeddings and positions; the processor prepares requests,
 media and fuses them (see ``Engine`` for the contract).
 """
 
-from .api import GenerationRequest, RequestMetrics, TokenEvent
+from .api import ConstraintError, GenerationRequest, LogitsProcessor, RequestMetrics, TokenEvent, TokenLogprob
 from .engine import Engine, EngineClosed, EngineConfig, RequestHandle
 from .runner import KVCache, Runner
 
-__all__ = ["Engine", "EngineClosed", "EngineConfig", "GenerationRequest", "KVCache", "RequestHandle", "RequestMetrics", "Runner",
-           "TokenEvent"]
+__all__ = ["ConstraintError", "Engine", "EngineClosed", "EngineConfig", "GenerationRequest", "KVCache",
+           "LogitsProcessor", "RequestHandle", "RequestMetrics", "Runner", "TokenEvent", "TokenLogprob"]

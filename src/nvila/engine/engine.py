@@ -14,6 +14,14 @@ everything it holds ends with "abort".
 
 Media features are cached by a hash of their pixels, so a follow-up turn about the same image or
 video does not re-encode it.
+
+Per-request rules on the next token go through one hook: a request's logits processors (its own
+``logits_processors``, then the JSON constraint its ``response_format`` asks for, built at submit)
+rewrite its float32 logits row before sampling, at the first token and at every step, and are told
+the token sampled (``LogitsProcessor``). A step in which no request has processors and every one
+decodes greedily picks all tokens with one batched argmax (one host sync); the others sample row
+by row. Requests that ask for ``logprobs`` get ``log_softmax`` of their raw logits row (before the
+processors and the sampling settings) on their events.
 """
 
 from __future__ import annotations
@@ -34,7 +42,9 @@ import torch
 
 from ..processor import MediumInfo, NVILAProcessor
 from ..sampling import SamplingParams, sample
-from .api import GenerationRequest, RequestMetrics, TokenEvent
+from .api import MAX_TOP_LOGPROBS, ConstraintError, GenerationRequest, RequestMetrics, TokenEvent, TokenLogprob
+from .constraints import JsonConstraints, json_schema_of
+from .logprobs import TokenSpeller, token_logprob
 from .runner import Runner
 
 logger = logging.getLogger(__name__)
@@ -162,7 +172,8 @@ class _Detokenizer:
 class _Running:
     """Scheduler-side state of one request."""
 
-    def __init__(self, handle: RequestHandle, request: GenerationRequest, inputs, detok: _Detokenizer, submitted: float):
+    def __init__(self, handle: RequestHandle, request: GenerationRequest, inputs, detok: _Detokenizer, submitted: float,
+                 processors: list):
         self.handle = handle
         self.request = request
         self.inputs = inputs
@@ -177,6 +188,15 @@ class _Running:
         self.last_token = 0
         self.new_tokens = 0
         self.first_token_at = 0.0
+        self.processors = processors  # callables (generated ids, logits (V,)) -> logits (V,)
+        self.logprobs: list[TokenLogprob] = []  # for tokens not yet on an event (requests that asked)
+
+    def take_logprobs(self) -> list[TokenLogprob] | None:
+        """The logprobs of the tokens since the last event (None for requests that did not ask)."""
+        if not self.request.logprobs:
+            return None
+        out, self.logprobs = self.logprobs, []
+        return out
 
 
 class Engine:
@@ -191,6 +211,9 @@ class Engine:
                                   model.config.llm.model_max_length)
         self.runner = Runner(model.llm, self.config.max_batch_size, self.context_length)
         self._stop_ids = set(model.ids.stop)
+        self._speller = TokenSpeller(processor.tokenizer)
+        self._constraints: JsonConstraints | None = None  # built on the first response_format request
+        self._constraints_lock = threading.Lock()
         self._waiting: deque[_Running] = deque()
         self._active: list[_Running] = []
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -221,6 +244,14 @@ class Engine:
             raise ValueError(f"seed must be in [-2**63, 2**64), got {request.seed}")
         SamplingParams(do_sample=request.do_sample, temperature=request.temperature, top_k=request.top_k,
                        top_p=request.top_p, repetition_penalty=request.repetition_penalty)
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {request.top_logprobs}")
+        if request.top_logprobs and not request.logprobs:
+            raise ValueError("top_logprobs needs logprobs=True")
+        processors = list(request.logits_processors)
+        constraint = self._json_constraint(request.response_format)
+        if constraint is not None:
+            processors.append(constraint)
         submitted = time.perf_counter()
         inputs, infos = self.processor.prepare([request.messages], add_generation_prompt=True, **request.options)
         n = inputs["input_ids"].shape[1]
@@ -228,13 +259,30 @@ class Engine:
             raise ValueError(f"the prompt has {n} tokens; the context holds {self.context_length}")
         metrics = RequestMetrics(prompt_tokens=n, visual_tokens=[i.num_visual_tokens for i in infos[0]])
         handle = RequestHandle(f"req-{uuid.uuid4().hex[:16]}", infos[0], metrics)
-        running = _Running(handle, request, inputs, _Detokenizer(self.processor.tokenizer, request.stop), submitted)
+        running = _Running(handle, request, inputs, _Detokenizer(self.processor.tokenizer, request.stop), submitted,
+                           processors)
         with self._wake:
             if self._shutdown:  # checked again under the lock: the scheduler drains the queue once
                 raise EngineClosed("the engine is shut down")
             self._waiting.append(running)
             self._wake.notify()
         return handle
+
+    def _json_constraint(self, response_format: dict | None):
+        """A new JSON constraint for ``response_format``, or None for free text.
+
+        Raises:
+            ConstraintError: an unknown format, an invalid schema, or the ``json`` extra missing.
+        """
+        if response_format is not None and not isinstance(response_format, dict):
+            raise ConstraintError(f"response_format must be a dict, got {type(response_format).__name__}")
+        if json_schema_of(response_format) is None:
+            return None
+        with self._constraints_lock:
+            if self._constraints is None:
+                self._constraints = JsonConstraints(self.processor.tokenizer, self.model.config.llm.vocab_size,
+                                                    sorted(self._stop_ids))
+        return self._constraints.processor(response_format)
 
     def generate(self, messages: list[dict], **kw) -> Iterator[TokenEvent]:
         """Submit one conversation and yield its events (``kw`` are ``GenerationRequest`` fields)."""
@@ -308,13 +356,13 @@ class Engine:
             r.handle.metrics.prefill_s = time.perf_counter() - start
             if r.request.seed is not None:
                 r.generator = torch.Generator(device=logits.device).manual_seed(r.request.seed)
-            token = int(sample(logits[None].float(), r.seen, r.params, r.generator)[0])
+            token, logprob = self._pick(r, logits.float(), None)
         except Exception as e:
             self._fail(r, e)
             return
         r.position = embeds.shape[1]
         self._active.append(r)
-        self._accept_or_fail(r, token)
+        self._accept_or_fail(r, token, logprob)
 
     def _embed(self, r: _Running) -> torch.Tensor:
         """Prompt embeddings (1, L, H), encoding only media missing from the feature cache."""
@@ -357,35 +405,55 @@ class Engine:
             device = self.model.device
             tokens = torch.tensor([r.last_token for r in batch], device=device)
             positions = torch.tensor([r.position for r in batch], device=device)
-            logits = self.runner.decode(tokens, positions, max(r.position for r in batch) + 1).float()
-            greedy = all(r.params.greedy and r.params.repetition_penalty == 1.0 for r in batch)
-            argmax = logits.argmax(-1).tolist() if greedy else None
+            logits = self.runner.decode(tokens, positions, max(r.position for r in batch) + 1).float()  # (B, V)
+            greedy = all(r.params.greedy and r.params.repetition_penalty == 1.0 and not r.processors for r in batch)
+            argmax = logits.argmax(-1).tolist() if greedy else [None] * len(batch)
         except Exception as e:
             logger.exception("decode step failed for %s", ", ".join(r.handle.id for r in batch))
             self._end_all(batch, "error", error=_describe(e))
             self._active.clear()  # every slot is free: no cache to move
             return
-        picked = argmax if argmax is not None else [self._sample_one(r, logits[i:i + 1])
-                                                    for i, r in enumerate(batch)]
+        picked = [self._pick_or_error(r, logits[i], argmax[i]) for i, r in enumerate(batch)]
         # Every active slot now holds one more position; advance them all before any request can
         # finish, since finishing moves the last slot's cache (``position`` entries) into the hole.
         for r in batch:
             r.position += 1
-        for r, token in zip(batch, picked):
-            if isinstance(token, Exception):
-                self._fail(r, token)
+        for r, got in zip(batch, picked):
+            if isinstance(got, Exception):
+                self._fail(r, got)
             else:
-                self._accept_or_fail(r, token)
+                self._accept_or_fail(r, *got)
 
-    @staticmethod
-    def _sample_one(r: _Running, logits: torch.Tensor) -> int | Exception:
-        """``r``'s next token from its logits row (1, V), or the exception that sampling raised."""
+    def _pick(self, r: _Running, logits: torch.Tensor, token: int | None) -> tuple[int, TokenLogprob | None]:
+        """``r``'s next token and, if it asked, its logprobs.
+
+        Args:
+            r: the request.
+            logits: (V,) float32, its raw logits row, which no other request reads. Processors may
+                rewrite it in place; they get a copy only when the raw row is still needed, for logprobs.
+            token: the token when the step already picked it (the batched greedy argmax), else None.
+        """
+        if token is None:
+            row = logits
+            if r.processors:
+                row = logits.clone() if r.request.logprobs else logits
+                with torch.inference_mode():  # the row is an inference tensor: in-place writes need the mode
+                    for p in r.processors:
+                        row = p(r.handle.token_ids, row)
+            token = int(sample(row[None], r.seen, r.params, r.generator)[0])
+        logprob = token_logprob(logits, token, r.request.top_logprobs, self._speller) if r.request.logprobs else None
+        return token, logprob
+
+    def _pick_or_error(self, r: _Running, logits: torch.Tensor, token: int | None):
+        """``_pick``, or the exception it raised (which ends only ``r``)."""
         try:
-            return int(sample(logits, r.seen, r.params, r.generator)[0])
+            return self._pick(r, logits, token)
         except Exception as e:
             return e
 
-    def _accept_or_fail(self, r: _Running, token: int) -> None:
+    def _accept_or_fail(self, r: _Running, token: int, logprob: TokenLogprob | None = None) -> None:
+        if logprob is not None:
+            r.logprobs.append(logprob)
         try:
             self._accept(r, token)
         except Exception as e:
@@ -407,20 +475,26 @@ class Engine:
         if r.params.repetition_penalty != 1.0:
             r.seen = torch.cat([r.seen, torch.tensor([[token]], device=r.seen.device)], dim=1)
         if token in self._stop_ids and not r.request.ignore_eos:
+            del r.logprobs[-1:]  # the stop token's: it is not part of the answer
             self._finish(r, "stop")
             return
+        complete = False  # a processor (the JSON constraint) says the answer is complete
+        for p in r.processors:
+            accept = getattr(p, "accept", None)
+            if accept is not None and accept(token):
+                complete = True
         text, stopped = r.detok.push(token)
-        if stopped:
-            self._emit(r, TokenEvent(r.handle.id, token, text))
-            self._finish(r, "stop", flush=False)
+        if stopped or complete:
+            self._emit(r, TokenEvent(r.handle.id, token, text, logprobs=r.take_logprobs()))
+            self._finish(r, "stop", flush=not stopped)
             return
         limit = r.request.max_tokens
         if (limit is not None and r.new_tokens >= limit) or r.position + 1 >= self.context_length:
-            self._emit(r, TokenEvent(r.handle.id, token, text))
+            self._emit(r, TokenEvent(r.handle.id, token, text, logprobs=r.take_logprobs()))
             self._finish(r, "length")
             return
         if text:
-            self._emit(r, TokenEvent(r.handle.id, token, text))
+            self._emit(r, TokenEvent(r.handle.id, token, text, logprobs=r.take_logprobs()))
 
     def _finish(self, r: _Running, reason: str, *, error: str | None = None, flush: bool = True) -> None:
         tail = r.detok.flush() if flush and reason in ("stop", "length") else ""
@@ -433,7 +507,7 @@ class Engine:
                 self._active[i] = moved
             self._active.pop()
         r.handle.finish_reason = reason
-        self._emit(r, TokenEvent(r.handle.id, None, tail, reason, error=error))
+        self._emit(r, TokenEvent(r.handle.id, None, tail, reason, error=error, logprobs=r.take_logprobs()))
 
     def _fail(self, r: _Running, e: Exception) -> None:
         """End one request with "error" (unless it has already ended), freeing its slot."""

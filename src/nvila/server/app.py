@@ -13,6 +13,9 @@ Contracts:
   route 404;
 * a request the engine fails (its error event) is a 500 for a JSON answer, and an error event
   followed by ``data: [DONE]`` for a stream; every other request goes on;
+* ``logprobs`` come from the engine's events (``TokenEvent.logprobs``): a JSON answer carries all
+  of them, a stream chunk those of the tokens it carries; ``response_format`` goes to the engine,
+  whose refusal (``ConstraintError``: unknown type, invalid schema) is a 400 naming it;
 * a request's temporary media files are deleted as soon as the engine has taken it, and a request
   whose client goes away (mid-stream or while waiting for a JSON answer) is cancelled in the engine;
 * one log line per finished request (logger ``nvila.server.app``, level INFO): id, finish reason,
@@ -43,12 +46,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.api import GenerationRequest, TokenEvent
+from ..engine.api import ConstraintError, GenerationRequest, TokenEvent
 from ..media import MediaError
 from .inputs import MediaPolicy, to_engine_messages
 from .limits import ServerLimits
 from .protocol import (ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-                       ChunkChoice, Delta, ModelCard, ModelList, Usage)
+                       ChoiceLogprobs, ChunkChoice, Delta, ModelCard, ModelList, Usage)
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +189,8 @@ def generation_request(req: ChatCompletionRequest, limits: ServerLimits, context
     """
     if req.n != 1:
         raise ApiError(400, f"n={req.n} is not supported: this server returns one choice per request", param="n")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     max_tokens = req.max_completion_tokens or req.max_tokens
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     if max_tokens is not None and max_tokens > limits.max_tokens:
@@ -204,14 +209,17 @@ def generation_request(req: ChatCompletionRequest, limits: ServerLimits, context
                              do_sample=sampled, temperature=temperature if sampled else 1.0,
                              top_p=req.top_p or 1.0, top_k=req.top_k or 0,
                              repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed, stop=req.stop_list(),
-                             options={"num_video_frames": frames} if frames is not None else {})
+                             options={"num_video_frames": frames} if frames is not None else {},
+                             logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0,
+                             response_format=(req.response_format.model_dump(by_alias=True)
+                                              if req.response_format is not None else None))
 
 
 class _Run:
     """One submitted request: its id, what ended it, and the end-of-request log line."""
 
-    def __init__(self, handle, model_id: str):
-        self.handle, self.model_id = handle, model_id
+    def __init__(self, handle, model_id: str, logprobs: bool):
+        self.handle, self.model_id, self.logprobs = handle, model_id, logprobs
         self.id = f"chatcmpl-{handle.id}"
         self.created = int(time.time())
         self.end: TokenEvent | None = None
@@ -245,17 +253,24 @@ class _Run:
                             code="aborted")
         return None
 
-    def chunk(self, delta: Delta, finish_reason: str | None = None) -> str:
+    def _logprobs(self, events: list[TokenEvent]) -> ChoiceLogprobs | None:
+        """The logprobs of ``events``' tokens (None when the request did not ask)."""
+        if not self.logprobs:
+            return None
+        return ChoiceLogprobs(content=[dataclasses.asdict(lp) for ev in events for lp in ev.logprobs or []])
+
+    def chunk(self, delta: Delta, finish_reason: str | None = None, logprobs: ChoiceLogprobs | None = None) -> str:
         c = ChatCompletionChunk(id=self.id, created=self.created, model=self.model_id,
-                                choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)])
+                                choices=[ChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)])
         return f"data: {c.model_dump_json()}\n\n"
 
     async def stream(self, include_usage: bool) -> AsyncIterator[str]:
-        """SSE events: role first, text deltas, finish reason last, then usage (if asked) and [DONE]."""
+        """SSE events: role first, text deltas (with their tokens' logprobs, if asked), finish
+        reason last, then usage (if asked) and [DONE]."""
         yield self.chunk(Delta(role="assistant", content=""))
         async for ev in self.handle:
-            if ev.text:
-                yield self.chunk(Delta(content=ev.text))
+            if ev.text or ev.logprobs:
+                yield self.chunk(Delta(content=ev.text), logprobs=self._logprobs([ev]))
             if ev.finish_reason is not None:
                 self.end = ev
                 break
@@ -270,9 +285,9 @@ class _Run:
                 yield f"data: {c.model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
 
-    async def collect(self, request: Request) -> str:
-        """The whole answer; cancels the request if the client disconnects first."""
-        text: list[str] = []
+    async def collect(self, request: Request) -> tuple[str, ChoiceLogprobs | None]:
+        """The whole answer and its logprobs; cancels the request if the client disconnects first."""
+        events: list[TokenEvent] = []
         async with anyio.create_task_group() as tg:
             async def watch_disconnect():
                 while (await request.receive())["type"] != "http.disconnect":
@@ -281,12 +296,12 @@ class _Run:
 
             tg.start_soon(watch_disconnect)
             async for ev in self.handle:
-                text.append(ev.text)
+                events.append(ev)
                 if ev.finish_reason is not None:
                     self.end = ev
                     break
             tg.cancel_scope.cancel()
-        return "".join(text)
+        return "".join(ev.text for ev in events), self._logprobs(events)
 
 
 def _check_key(request: Request, api_key: str | None) -> None:
@@ -367,6 +382,8 @@ def create_app(engine, *, api_key: str | None = None, allow_local_media: bool = 
             handle = await anyio.to_thread.run_sync(engine.submit, gen)
         except MediaError as e:
             raise ApiError(400, inputs.describe(str(e)), param="messages", code="invalid_media") from None
+        except ConstraintError as e:
+            raise ApiError(400, str(e), param="response_format", code="invalid_response_format") from None
         except (ValueError, TypeError) as e:
             raise ApiError(400, str(e), param="messages") from None
         except RuntimeError as e:  # the engine is shut down
@@ -374,12 +391,12 @@ def create_app(engine, *, api_key: str | None = None, allow_local_media: bool = 
                            code="engine_unavailable") from None
         finally:
             inputs.cleanup()  # the engine decoded the media at submit
-        run = _Run(handle, engine.model_id)
+        run = _Run(handle, engine.model_id, req.logprobs)
         if req.stream:
             include_usage = req.stream_options is not None and req.stream_options.include_usage
             return _EventStream(run.stream(include_usage), on_close=run.close)
         try:
-            text = await run.collect(request)
+            text, logprobs = await run.collect(request)
         finally:
             run.close()
         error = run.failure()
@@ -387,6 +404,6 @@ def create_app(engine, *, api_key: str | None = None, allow_local_media: bool = 
             raise error
         return ChatCompletion(id=run.id, created=run.created, model=engine.model_id, usage=run.usage(),
                               choices=[Choice(message=AssistantMessage(content=text),
-                                              finish_reason=run.end.finish_reason)])
+                                              finish_reason=run.end.finish_reason, logprobs=logprobs)])
 
     return app

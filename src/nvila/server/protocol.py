@@ -7,6 +7,9 @@ Requests are validated strictly (unknown fields are a 400, as OpenAI does), with
   (frames sampled per video; at most the server's limit);
 * ``usage.visual_tokens``: visual tokens per medium, in prompt order.
 
+``logprobs`` / ``top_logprobs`` (0..20) and ``response_format`` (``text``, ``json_object``,
+``json_schema``) follow OpenAI.
+
 Every numeric field has a range, and non-finite numbers (``NaN``, ``Infinity``) are refused; the
 ranges are documented on ``ChatCompletionRequest``. A value outside its range is a 400 naming the
 field in ``param``.
@@ -99,10 +102,36 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class TextFormat(_Strict):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Strict):
+    """OpenAI's ``json_schema``: ``schema`` is checked (and compiled) by the engine at submit."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")  # the attribute `schema` belongs to BaseModel
+    strict: bool | None = None  # accepted; the schema is always enforced
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 MAX_STOP = 4  # stop sequences per request (OpenAI's limit)
 MAX_STOP_CHARS = 256  # characters per stop sequence: the detokenizer holds back this much text
 MAX_N = 128  # OpenAI's range for n; this server answers n=1 only (the app says so for 2..128)
 SEED_RANGE = (-2**63, 2**63)  # [lo, hi): OpenAI's int64 seeds
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
 class ChatCompletionRequest(_Strict):
@@ -120,7 +149,8 @@ class ChatCompletionRequest(_Strict):
       to its own generator state);
     * ``n`` in [1, 128], as OpenAI (only 1 is served);
     * ``stop``: at most 4 sequences of at most 256 characters each;
-    * ``num_video_frames`` >= 1.
+    * ``num_video_frames`` >= 1;
+    * ``top_logprobs`` in [0, 20], as OpenAI (the app refuses it without ``logprobs: true``).
     """
 
     model_config = ConfigDict(allow_inf_nan=False)
@@ -140,6 +170,9 @@ class ChatCompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     num_video_frames: int | None = Field(default=None, ge=1)
     user: str | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -170,11 +203,27 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(BaseModel):
+    """``choices[i].logprobs``: one entry per answer token (of this chunk, when streaming)."""
+
+    content: list[TokenLogprob] | None = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -199,7 +248,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
