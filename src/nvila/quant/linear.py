@@ -211,30 +211,38 @@ class _W4A16Avx2:
 
 
 W4A16_CPU_KERNELS = ("int4pack", "avx2-fp32", "avx2-dyn16", "avx2-dyn8")
-_logged: set[str] = set()
+_logged: set[tuple[str, str]] = set()
 
 
 def w4a16_cpu_kernel_name(group_size: int) -> str:
     """Which CPU W4A16 kernel runs: ``NVILA_W4A16_CPU_KERNEL`` if set (``auto`` by default).
 
-    ``auto`` is ``avx2-fp32`` on x86-64 CPUs with AVX2, for group sizes that are multiples of 64, when the
-    kernel builds; otherwise ``int4pack``. ``avx2-fp32`` keeps the activations in fp32 and was faster than
-    ``int4pack`` both with native bf16 (1.24x cold at 1 thread) and with torch limited to AVX2 (1.72x); the
-    int16/int8-activation variants ``avx2-dyn16`` / ``avx2-dyn8`` are faster still but round the
-    activations per group of ``group_size`` (numbers in benchmarks/RESULTS.md). A kernel that cannot run
-    falls back to ``int4pack``. Logs the kernel once per process.
+    ``auto`` is ``avx2-fp32`` on x86-64 CPUs with AVX2 and FMA, for group sizes that are multiples of 64,
+    when the kernel builds (``cpu_kernels.load_w4a16_cpu``, first use only); otherwise ``int4pack``.
+    ``avx2-fp32`` keeps the activations in fp32 and was faster than ``int4pack`` both with native bf16
+    (1.24x cold at 1 thread) and with torch limited to AVX2 (1.72x); the int16/int8-activation variants
+    ``avx2-dyn16`` / ``avx2-dyn8`` are faster still but round the activations per group of
+    ``group_size`` (numbers in benchmarks/RESULTS.md). A kernel that cannot run falls back to
+    ``int4pack``. One log record per process and outcome: INFO for the kernel chosen, or the fallback's
+    one note (``cpu_kernels`` says why the kernel could not be built; INFO for a group size it does not
+    take). Only called for W4A16 layers on the CPU, at their first forward: nothing else builds or logs.
     """
-    name = os.environ.get("NVILA_W4A16_CPU_KERNEL", "auto")
-    if name not in ("auto", *W4A16_CPU_KERNELS):
-        raise ValueError(f"NVILA_W4A16_CPU_KERNEL={name!r}; valid: auto, {', '.join(W4A16_CPU_KERNELS)}")
-    if name == "auto":
-        name = "avx2-fp32"
-    fits = group_size % 64 == 0 and (name != "avx2-dyn8" or group_size <= 256)
-    if name != "int4pack" and not (fits and cpu_kernels.load_w4a16_cpu()):
-        name = "int4pack"
-    if name not in _logged:
-        _logged.add(name)
-        logger.info("w4a16 on the CPU runs the %s kernel", name)
+    requested = os.environ.get("NVILA_W4A16_CPU_KERNEL", "auto")
+    if requested not in ("auto", *W4A16_CPU_KERNELS):
+        raise ValueError(f"NVILA_W4A16_CPU_KERNEL={requested!r}; valid: auto, {', '.join(W4A16_CPU_KERNELS)}")
+    name = "avx2-fp32" if requested == "auto" else requested
+    if name == "int4pack":
+        note = "w4a16 on the CPU runs the int4pack kernel"
+    elif group_size % 64 or (name == "avx2-dyn8" and group_size > 256):
+        name, note = "int4pack", (f"w4a16 group size {group_size}: nvila's {name} kernel takes multiples of 64"
+                                  f"{' up to 256' if name == 'avx2-dyn8' else ''}; using torch's int4 kernel")
+    elif cpu_kernels.load_w4a16_cpu():
+        note = f"w4a16 on the CPU runs the {name} kernel"
+    else:
+        name, note = "int4pack", None  # load_w4a16_cpu logged why, once
+    if note is not None and (requested, note) not in _logged:
+        _logged.add((requested, note))
+        logger.info(note)
     return name
 
 

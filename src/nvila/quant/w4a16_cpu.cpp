@@ -1,6 +1,6 @@
-// W4A16 CPU kernels for float32 activations, AVX2 + FMA (built at first use by nvila/quant/kernels.py).
+// W4A16 CPU kernels for float32 activations, AVX2 + FMA (built at first use by nvila/quant/cpu_kernels.py).
 //
-// Both ops read the checkpoint's own tensors, with no repacking:
+// The ops read the checkpoint's own tensors, with no repacking:
 //   x       float32 (M, K)         activations, contiguous
 //   qweight uint8   (N, K/2)       two 4-bit codes per byte, even k in the low nibble
 //   scales  float32 (N, K/gs)      W[n, k] = (q[n, k] - zeros[n, g]) * scales[n, g], g = k / gs
