@@ -121,7 +121,7 @@ def test_cached_decode_equals_uncached_forward(tiny_checkpoints):
             runner.cache.move(1, 0, n)
             for step in range(ids.shape[1] - n - 1):
                 pos = n + step
-                logits = runner.decode(ids[0, pos:pos + 1], torch.tensor([pos]), pos + 1)
+                logits = runner.decode(ids[0, pos:pos + 1], [pos])
                 assert (logits[0] - ref[pos]).abs().max().item() <= 1e-4
     finally:
         engine.shutdown()

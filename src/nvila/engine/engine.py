@@ -45,7 +45,7 @@ from ..sampling import SamplingParams, sample
 from .api import MAX_TOP_LOGPROBS, ConstraintError, GenerationRequest, RequestMetrics, TokenEvent, TokenLogprob
 from .constraints import JsonConstraints, json_schema_of
 from .logprobs import TokenSpeller, token_logprob
-from .runner import Runner
+from ..llm import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -404,8 +404,7 @@ class Engine:
         try:
             device = self.model.device
             tokens = torch.tensor([r.last_token for r in batch], device=device)
-            positions = torch.tensor([r.position for r in batch], device=device)
-            logits = self.runner.decode(tokens, positions, max(r.position for r in batch) + 1).float()  # (B, V)
+            logits = self.runner.decode(tokens, [r.position for r in batch]).float()  # (B, V)
             greedy = all(r.params.greedy and r.params.repetition_penalty == 1.0 and not r.processors for r in batch)
             argmax = logits.argmax(-1).tolist() if greedy else [None] * len(batch)
         except Exception as e:
