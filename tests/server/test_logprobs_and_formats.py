@@ -56,16 +56,8 @@ def test_logprobs_in_openai_shape_streamed_or_not(client):
     assert all(ch.choices[0].logprobs is None for ch in chunks)
 
 
-# Known bug (issue 23, open): with seed 1 the constrained answer holds raw control characters (\t,
-# \x07) inside a JSON string, which json.loads rejects. Seen on this test's tiny BPE tokenizer
-# (nvila.tiny), not on the Qwen2 one of tests/engine/test_logits_hook.py; the suspicion is xgrammar's
-# vocabulary type (byte-level token spellings read as raw text). Strict: the day it passes, this fails.
-CONTROL_CHARACTER_BUG = pytest.mark.xfail(strict=True, raises=json.JSONDecodeError,
-                                          reason="known bug: raw control characters in a constrained string")
-
-
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("seed", [None, 0, pytest.param(1, marks=CONTROL_CHARACTER_BUG)])
+@pytest.mark.parametrize("seed", [None, 0, 1])
 def test_json_schema_answers_parse_and_validate(client, stream, seed):
     kw = dict(model="m", messages=USER, max_tokens=400, response_format=PERSON,
               **({"temperature": 0} if seed is None else {"temperature": 1, "seed": seed}))
