@@ -297,7 +297,7 @@ class Engine:
             return None
         with self._constraints_lock:
             if self._constraints is None:
-                self._constraints = JsonConstraints(self.processor.tokenizer, self.model.config.llm.vocab_size,
+                self._constraints = JsonConstraints(self.processor.tokenizer, self.model.ids.vocab_size,
                                                     sorted(self._stop_ids))
         return self._constraints.processor(response_format)
 
