@@ -41,6 +41,7 @@ from .bundled import default_model_path
 from .checkpoint import (CheckpointError, check_layout, load_tokenizer, resolve_chat_template, resolve_checkpoint,
                          token_ids)
 from .config import ConfigError, NVILAConfig
+from .engine.constraints import JsonConstraints
 from .eval import cli as eval_cli
 from .media import DEFAULT_MAX_PIXELS, MediaError
 from .model import NVILAForConditionalGeneration
@@ -133,6 +134,13 @@ def _infer_arguments(p: argparse.ArgumentParser) -> None:
     gen.add_argument("--top-k", type=int_at_least(0), default=0, metavar="K",
                      help="keep the K most likely tokens (default: %(default)s = off)")
     gen.add_argument("--seed", type=int, metavar="S", help="random seed for sampling (reproducible runs)")
+    shape = gen.add_mutually_exclusive_group()
+    shape.add_argument("--json-mode", action="store_true",
+                       help="constrain the answer to one JSON object (grammar-guided decoding with xgrammar; "
+                            "needs the 'json' extra)")
+    shape.add_argument("--json-schema", metavar="FILE",
+                       help="constrain the answer to JSON that validates against the JSON schema in FILE "
+                            "(needs the 'json' extra)")
     run = p.add_argument_group("runtime")
     run.add_argument("--dtype", choices=DTYPES, default="float32",
                      help="weights and activations dtype (default: %(default)s)")
@@ -211,6 +219,7 @@ def run_infer(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     if not args.do_sample and (args.temperature != 1.0 or args.top_p != 1.0 or args.top_k or args.seed is not None):
         logger.warning("--temperature/--top-p/--top-k/--seed only apply with --do-sample; decoding greedily")
+    response_format = _response_format(args)
     parts = [media_part(m) for m in args.media]
     messages = []
     if args.system is not None:
@@ -225,6 +234,10 @@ def run_infer(args: argparse.Namespace) -> int:
                                                fps=args.fps, max_pixels=args.max_pixels)
     t1 = time.perf_counter()
     inputs, infos = processor.prepare([messages], add_generation_prompt=True)
+    constraint = None
+    if response_format is not None:  # compiled before the weights load, so a bad schema fails fast
+        ids = processor.ids  # the same ids (and logits width) the model is built with
+        constraint = JsonConstraints(processor.tokenizer, ids.vocab_size, list(ids.stop)).processor(response_format)
     t2 = time.perf_counter()
     logger.info("preprocessed %d media into a %d-token prompt in %.2f s", len(infos[0]),
                 inputs["input_ids"].shape[1], t2 - t1)
@@ -235,12 +248,30 @@ def run_infer(args: argparse.Namespace) -> int:
     t4 = time.perf_counter()
     result = generate_report(model, processor, inputs, infos[0], parts, max_new_tokens=args.max_new_tokens,
                              do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, seed=args.seed)
+                             top_p=args.top_p, seed=args.seed,
+                             logits_processors=None if constraint is None else [[constraint]])
     report = {"model": str(args.model), "dtype": args.dtype, "device": str(model.device), **result}
     report["timings"] = {"model_load_s": (t1 - t0) + (t3 - t2), "preprocess_s": (t2 - t1) + (t4 - t3),
                          **result["timings"]}
     _write(json.dumps(report, ensure_ascii=False) if args.json else _format_infer(report))
     return 0
+
+
+def _response_format(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--json-mode`` / ``--json-schema FILE`` as an OpenAI ``response_format`` (None: free text)."""
+    if args.json_mode:
+        return {"type": "json_object"}
+    if args.json_schema is None:
+        return None
+    try:
+        schema = json.loads(Path(args.json_schema).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"--json-schema: cannot read {args.json_schema}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--json-schema: {args.json_schema} is not JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"--json-schema: {args.json_schema} must hold a JSON object (a JSON schema)")
+    return {"type": "json_schema", "json_schema": {"name": Path(args.json_schema).stem, "schema": schema}}
 
 
 def generate_report(model: NVILAForConditionalGeneration, processor: NVILAProcessor, inputs, infos: list[MediumInfo],
@@ -264,11 +295,12 @@ def generate_report(model: NVILAForConditionalGeneration, processor: NVILAProces
     t1 = time.perf_counter()
     prompt_len = inputs["input_ids"].shape[1]
     new = ids[0, prompt_len:].tolist()
+    limit = generate_kwargs.get("max_new_tokens")  # below it, a processor (JSON complete) or a stop ended the answer
     ttft = clock.times[0] - clock.start if clock.times else None
     decode_s = clock.times[-1] - clock.times[0] if len(clock.times) > 1 else None
     return {
         "answer": processor.decode(new),
-        "finish_reason": "stop" if new and new[-1] in model.ids.stop else "length",
+        "finish_reason": "stop" if (new and new[-1] in model.ids.stop) or (limit and len(new) < limit) else "length",
         "prompt_tokens": prompt_len,
         "new_tokens": len(new),
         "media": [_media_row(g) for g in _group_media(parts, infos)],

@@ -1,20 +1,27 @@
-"""The Qwen2 language model of NVILA, built from transformers' ``Qwen2ForCausalLM``.
+"""The Qwen2 language model of NVILA, built from transformers' ``Qwen2ForCausalLM``, and its decode steps.
 
 Knows the LLM config and the published key layout of ``llm/model*.safetensors`` (identical to
 transformers' Qwen2 keys). It does not know the tokenizer: the vocabulary size it is built with is
 decided by the loader (``len(tokenizer)`` after the run-time token additions).
 
-Tensor contract: ``llm(inputs_embeds (B, L, H), attention_mask (B, L), position_ids (B, L))`` ->
-logits ``(B, L, V)``; the KV cache is transformers' ``cache=`` argument (a ``Cache``; the
-name since transformers 5.24, which deprecates ``past_key_values``).
+Two ways to run it:
+
+* the whole-sequence forward (training, scoring): ``llm(inputs_embeds (B, L, H), attention_mask (B, L),
+  position_ids (B, L))`` -> logits ``(B, L, V)``, transformers' module as is;
+* the decode steps (``Runner``), the one path every generation takes (``model.generate``, the
+  engine, and through them ``nvila infer``, ``nvila eval``, the demo and the server): prefill and
+  one-token decode over a preallocated ``KVCache``, reusing the module's projections, norms, MLP and
+  rotary tables. With ``attention="sdpa"`` a single row's logits are bitwise those of transformers'
+  forward with its own cache.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
 from .config import LLMConfig
 
@@ -71,3 +78,166 @@ def reset_llm_buffers(llm: Qwen2ForCausalLM, device: torch.device | str) -> None
 
 def embed_tokens(llm: Qwen2ForCausalLM) -> nn.Embedding:
     return llm.model.embed_tokens
+
+
+# ------------------------------------------------------------------------------------- decode steps
+class KVCache(nn.Module):
+    """Keys and values of every layer: (layers, slots, kv_heads, max_len, head_dim).
+
+    Slot b holds one sequence's keys at its positions, so a row's valid keys are ``[0, position]``.
+    """
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        shape = (layers, slots, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def grow(self, max_len: int) -> None:
+        """Reallocate to hold ``max_len`` positions per slot, keeping the contents."""
+        if max_len <= self.max_len:
+            return
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[:3] + (max_len,) + old.shape[4:])
+            new[:, :, :, :old.shape[3]] = old
+            setattr(self, name, new)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` positions of slot ``src`` into slot ``dst``."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def read(self, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of slot ``slot``'s first ``length`` positions: k, v (layers, kv_heads, length, head_dim)."""
+        return self.k[:, slot, :, :length].clone(), self.v[:, slot, :, :length].clone()
+
+    def write(self, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put ``read``'s tensors into positions ``[0, k.shape[2])`` of slot ``slot``."""
+        self.k[:, slot, :, :k.shape[2]] = k
+        self.v[:, slot, :, :v.shape[2]] = v
+
+
+def _sdpa_decode(q, keys, values, valid, scaling):
+    """torch's fused attention. ``valid`` (B, T) bool, or None when every row sees every key."""
+    mask = None if valid is None else valid[:, None, None, :]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scaling,
+                                          enable_gqa=q.shape[1] != keys.shape[1])  # (B, nh, 1, hd)
+
+
+def _grouped_decode(q, keys, values, valid, scaling):
+    """Two matmuls over each KV group's query heads, softmax in float32: 1.5-2x faster than torch's
+    fused kernel for one query row on CPU (benchmarks/RESULTS.md, issue 23)."""
+    b, heads, _, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    qg = q.reshape(b, kv_heads, heads // kv_heads, head_dim)  # heads of one KV group are adjacent
+    scores = (qg @ keys.transpose(-1, -2)).float() * scaling  # (B, nkv, g, T)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1).to(values.dtype) @ values).reshape(b, heads, 1, head_dim)
+
+
+DECODE_ATTENTION = {"sdpa": _sdpa_decode, "grouped": _grouped_decode}
+
+
+def decode_attention(name: str, device: torch.device) -> str:
+    """Resolve ``"auto"`` (grouped on CPU, sdpa elsewhere) and check the name."""
+    if name == "auto":
+        return "grouped" if device.type == "cpu" else "sdpa"
+    if name not in DECODE_ATTENTION:
+        raise ValueError(f"unknown decode attention {name!r}; valid: auto, {', '.join(DECODE_ATTENTION)}")
+    return name
+
+
+class Runner:
+    """Prefill and decode steps of a transformers ``Qwen2ForCausalLM`` over a ``KVCache``.
+
+    * ``prefill(slot, embeds, start)``: one sequence's tokens at positions ``start..start+n-1``
+      (keys ``[0, start)`` already in the slot, e.g. a reused prefix); writes their K/V;
+    * ``decode(tokens, positions)``: one new token for each of the first B slots at its position.
+    """
+
+    def __init__(self, llm: nn.Module, slots: int, max_len: int, *, attention: str = "auto"):
+        cfg = llm.config
+        self.llm = llm
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        weight = llm.get_input_embeddings().weight
+        self.attention = DECODE_ATTENTION[decode_attention(attention, weight.device)]
+        self.cache = KVCache(cfg.num_hidden_layers, slots, self.kv_heads, max_len, self.head_dim,
+                             weight.dtype, weight.device)
+
+    def _qkv(self, attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, n, _ = h.shape
+        q = attn.q_proj(h).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, n, hd)
+        k = attn.k_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, n, hd)
+        v = attn.v_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Run ``embeds`` (1, n, H) at positions ``start..start+n-1`` into ``slot``; returns the last
+        position's logits (V,)."""
+        model = self.llm.model
+        n = embeds.shape[1]
+        end = start + n
+        if end > self.cache.max_len:
+            raise ValueError(f"prompt of {end} tokens exceeds the engine's context of {self.cache.max_len}")
+        positions = torch.arange(start, end, device=embeds.device)[None]  # (1, n)
+        causal = None
+        if start:  # queries see the reused prefix and the causal part of their own chunk: (n, end)
+            causal = torch.arange(end, device=embeds.device)[None] <= positions[0, :, None]
+        x = embeds
+        cos, sin = model.rotary_emb(x, positions)
+        for i, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)
+            self.cache.k[i, slot, :, start:end] = k[0]
+            self.cache.v[i, slot, :, start:end] = v[0]
+            if start:
+                k, v = self.cache.k[i, slot:slot + 1, :, :end], self.cache.v[i, slot:slot + 1, :, :end]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=causal is None, scale=attn.scaling,
+                                               enable_gqa=self.heads != self.kv_heads)  # (1, nh, n, hd)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.llm.lm_head(model.norm(x[:, -1:]))[0, -1]
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """One step for slots 0..B-1.
+
+        Args:
+            tokens: (B,) the last token of each row, on the model's device.
+            positions: B host ints, each row's position (= tokens already in its slot).
+        Returns:
+            (B, V) logits.
+        """
+        model = self.llm.model
+        b = tokens.shape[0]
+        length = max(positions) + 1
+        if length > self.cache.max_len:
+            raise ValueError(f"position {length - 1} is outside the cache of {self.cache.max_len}")
+        pos = torch.tensor(positions, device=tokens.device)
+        valid = None  # rows at different positions mask the keys past their own
+        if min(positions) != length - 1:
+            valid = torch.arange(length, device=tokens.device)[None] <= pos[:, None]  # (B, T)
+        x = model.embed_tokens(tokens)[:, None]  # (B, 1, H)
+        cos, sin = model.rotary_emb(x, pos[:, None])
+        rows = torch.arange(b, device=tokens.device)
+        for i, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)  # q (B, nh, 1, hd)
+            self.cache.k[i, rows, :, pos] = k[:, :, 0]
+            self.cache.v[i, rows, :, pos] = v[:, :, 0]
+            o = self.attention(q, self.cache.k[i, :b, :, :length], self.cache.v[i, :b, :, :length], valid,
+                               attn.scaling)  # (B, nh, 1, hd)
+            x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.llm.lm_head(model.norm(x))[:, 0]

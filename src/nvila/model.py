@@ -223,47 +223,79 @@ class NVILAForConditionalGeneration(nn.Module):
                  max_new_tokens: int | None = None, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
-                 streamer=None, **media) -> torch.Tensor:
+                 streamer=None, logits_processors: list[list] | None = None, **media) -> torch.Tensor:
         """Decode new tokens after the prompt; returns (B, L + new) ids, as transformers does.
 
         Defaults follow the reference (spec §3.4): greedy, stop on the checkpoint's stop tokens,
         and at most ``model_max_length - L`` new tokens. Finished rows are filled with ``pad``.
         ``streamer`` (transformers' protocol) gets ``put(ids (B,))`` per step and ``end()``.
+        ``logits_processors``: one list per row of ``engine.LogitsProcessor``s, applied to that
+        row's float32 logits before sampling; a processor whose ``accept(token)`` returns True ends
+        its row (as a stop token does).
+
+        The decode path is the engine's (``llm.Runner``): each row's real tokens (padding dropped,
+        left or right) are prefilled into its own cache slot at positions 0..n-1, then all rows
+        decode together, so a batch row equals the same prompt run alone. Attention is torch's
+        fused kernel, which makes a single row's logits bitwise those of transformers' forward.
         """
+        from .llm import Runner
         from .sampling import SamplingParams, sample
 
         params = SamplingParams(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                 repetition_penalty=repetition_penalty)
+        b, n = input_ids.shape
+        device = input_ids.device
+        if logits_processors is not None and len(logits_processors) != b:
+            raise ValueError(f"logits_processors needs one list per row: got {len(logits_processors)} for {b} rows")
         stop = torch.tensor(self.ids.stop if eos_token_id is None else
                             ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)),
-                            device=input_ids.device)
+                            device=device)
         pad = self.ids.pad if pad_token_id is None else pad_token_id
         if max_new_tokens is None:
-            max_new_tokens = max(self.config.llm.model_max_length - input_ids.shape[1], 0)
+            max_new_tokens = max(self.config.llm.model_max_length - n, 0)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         generator = None
         if seed is not None:
-            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        out = self(input_ids, attention_mask, cache=cache, use_cache=True, logits_to_keep=1, **media)
-        positions = attention_mask.long().sum(-1, keepdim=True) - 1  # (B, 1) last real position
-        seqs, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            nxt = sample(out.logits[:, -1].float(), seqs, params, generator)  # (B,)
+            generator = torch.Generator(device=device).manual_seed(seed)
+        out = torch.full((b, n + max_new_tokens), pad, dtype=input_ids.dtype, device=device)
+        out[:, :n] = input_ids
+        if max_new_tokens == 0:
+            return out
+        real = attention_mask.bool()
+        positions = real.sum(-1).tolist()  # host: each row's real length = its next position
+        embeds = self.embed(input_ids, **media)  # (B, L, H)
+        runner = Runner(self.llm, b, max(positions) + min(max_new_tokens, 256), attention="sdpa")
+        logits = torch.stack([runner.prefill(i, embeds[i:i + 1, real[i]]) for i in range(b)])  # (B, V)
+        done = torch.zeros(b, dtype=torch.bool, device=device)
+        generated: list[list[int]] = [[] for _ in range(b)]  # host copies, kept for the processors only
+        ended, stop_ids = [False] * b, set(stop.tolist())
+        for step in range(max_new_tokens):
+            scores = logits.float()
+            if logits_processors is not None:
+                for i, procs in enumerate(logits_processors):
+                    for proc in procs if not ended[i] else ():
+                        scores[i] = proc(generated[i], scores[i])
+            nxt = sample(scores, out[:, :n + step], params, generator)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+            out[:, n + step] = nxt
             if streamer is not None:
                 streamer.put(nxt)
             done = done | torch.isin(nxt, stop)
-            if bool(done.all()):
+            if logits_processors is not None:  # the processors need host ids; every one is told the token
+                for i, (procs, token) in enumerate(zip(logits_processors, nxt.tolist())):
+                    if not ended[i]:
+                        generated[i].append(token)
+                        complete = [bool(p.accept(token)) for p in procs if hasattr(p, "accept")]
+                        ended[i] = token in stop_ids or any(complete)
+                done = done | torch.tensor(ended, device=device)
+            if bool(done.all()) or step + 1 == max_new_tokens:
+                out = out[:, :n + step + 1]
                 break
-            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)[:, None]], dim=1)
-            positions = positions + 1
-            out = self.llm(input_ids=nxt[:, None], attention_mask=attention_mask, position_ids=positions,
-                           cache=cache, use_cache=True)
+            if max(positions) + 1 > runner.cache.max_len:
+                runner.cache.grow(min(2 * runner.cache.max_len, max(positions) + max_new_tokens - step))
+            logits = runner.decode(nxt, positions)
+            positions = [p + 1 for p in positions]
         if streamer is not None:
             streamer.end()
-        return seqs
+        return out

@@ -13,12 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 from PIL import Image
 
 from nvila import NVILAForConditionalGeneration, NVILAProcessor
 from nvila.cli import main
-from nvila_testing import CONFIGS
+from nvila_testing import CONFIGS, PERSON_SCHEMA
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "assets"
@@ -190,6 +191,26 @@ def test_infer_text_only_and_sampling(capsys, tiny_checkpoints):
     check_report(first, tiny_checkpoints["nvila"], [])
 
 
+@pytest.mark.parametrize("seed", [None, 3])
+def test_infer_json_schema_answers_validate(capsys, tiny_checkpoints, tmp_path, seed):
+    """Random weights, guided by the schema: the answer parses and validates, and ends with "stop"."""
+    schema = tmp_path / "person.json"
+    schema.write_text(json.dumps(PERSON_SCHEMA))
+    sampling = [] if seed is None else ["--do-sample", "--seed", seed]
+    report = run_json(capsys, ["infer", "--model", tiny_checkpoints["nvila-lite"], "--text", "A person as JSON.",
+                               "--json-schema", schema, "--max-new-tokens", "400", *sampling])
+    jsonschema.validate(json.loads(report["answer"]), PERSON_SCHEMA)
+    assert report["finish_reason"] == "stop"
+
+
+def test_infer_json_mode_answer_is_an_object(capsys, tiny_checkpoints):
+    report = run_json(capsys, ["infer", "--model", tiny_checkpoints["nvila-lite"], "--text", "JSON, please.",
+                               "--json-mode", "--max-new-tokens", "24"])
+    assert report["answer"].startswith("{")
+    if report["finish_reason"] == "stop":  # else the token limit cut the object short
+        assert isinstance(json.loads(report["answer"]), dict)
+
+
 @pytest.mark.slow
 def test_python_dash_m_entry_point(tiny_checkpoints):
     cmd = [sys.executable, "-m", "nvila", "infer", "--model", str(tiny_checkpoints["nvila-video"]),
@@ -219,6 +240,9 @@ BAD_INFER = {
     "bad dtype": ["--dtype", "int8"],
     "bad device": ["--device", "nonsense"],
     "unknown flag": ["--frobnicate"],
+    "json schema file missing": ["--json-schema", "{media[root]}/missing.json"],
+    "json schema file not JSON": ["--json-schema", "{media[text]}"],
+    "json mode and schema together": ["--json-mode", "--json-schema", "{media[text]}"],
 }
 
 

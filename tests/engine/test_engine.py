@@ -69,8 +69,9 @@ def _requests():
     ]
 
 
-def test_each_request_in_a_batch_gets_what_it_gets_alone(engines):
-    engine = engines("nvila", max_batch_size=8)
+@pytest.mark.parametrize("prefix_cache_mib", [0, 512])
+def test_each_request_in_a_batch_gets_what_it_gets_alone(engines, prefix_cache_mib):
+    engine = engines("nvila", max_batch_size=8, prefix_cache_mib=prefix_cache_mib)
     alone = []
     for msgs in _requests():
         h = engine.submit(GenerationRequest(messages=msgs, max_tokens=12))
@@ -80,7 +81,10 @@ def test_each_request_in_a_batch_gets_what_it_gets_alone(engines):
     for h in handles:
         h.text()
     assert [h.token_ids for h in handles] == alone
-    assert sum(h.metrics.cached_media for h in handles) == 2  # both images were encoded in the first round
+    if prefix_cache_mib:  # the second round reuses each prompt's KV: one position is prefilled
+        assert all(h.metrics.cached_tokens == h.metrics.prompt_tokens - 1 for h in handles)
+    else:
+        assert sum(h.metrics.cached_media for h in handles) == 2  # both images were encoded in the first round
 
 
 def test_requests_join_a_running_batch(engines):
@@ -121,7 +125,7 @@ def test_cached_decode_equals_uncached_forward(tiny_checkpoints):
             runner.cache.move(1, 0, n)
             for step in range(ids.shape[1] - n - 1):
                 pos = n + step
-                logits = runner.decode(ids[0, pos:pos + 1], torch.tensor([pos]), pos + 1)
+                logits = runner.decode(ids[0, pos:pos + 1], [pos])
                 assert (logits[0] - ref[pos]).abs().max().item() <= 1e-4
     finally:
         engine.shutdown()

@@ -119,11 +119,11 @@ def test_a_failing_batched_decode_ends_the_requests_of_that_step_only(engine, mo
     alone = _alone(engine, SHORT)
     decode, failed_batches = engine.runner.decode, []
 
-    def flaky_decode(tokens, positions, length):
+    def flaky_decode(tokens, positions):
         if tokens.shape[0] == 2 and not failed_batches:  # once, when both slots decode
             failed_batches.append(2)
             raise RuntimeError("injected device failure")
-        return decode(tokens, positions, length)
+        return decode(tokens, positions)
 
     monkeypatch.setattr(engine.runner, "decode", flaky_decode)
     go = _hold_decoding(engine, monkeypatch)

@@ -50,7 +50,7 @@ def test_chat_completion_has_the_openai_shape_and_usage(client, fake_engine):
                                 "finish_reason": "stop", "logprobs": None}]
     # the fake reports width % 7 visual tokens for an image and 10 + media tokens for the prompt
     assert body["usage"] == {"prompt_tokens": 10 + 2 + 5, "completion_tokens": 5, "total_tokens": 22,
-                             "visual_tokens": [5]}
+                             "prompt_tokens_details": {"cached_tokens": 0}, "visual_tokens": [5]}
 
 
 def test_messages_reach_the_engine_in_the_processor_format(client, fake_engine):
@@ -123,7 +123,7 @@ def test_stream_usage_chunk_when_asked(client):
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"] == {"prompt_tokens": 10 + 2 + 3, "completion_tokens": 2, "total_tokens": 17,
-                                   "visual_tokens": [3]}
+                                   "prompt_tokens_details": {"cached_tokens": 0}, "visual_tokens": [3]}
 
 
 def test_engine_error_ends_the_stream_with_an_error_event(fake_engine):

@@ -103,6 +103,74 @@ def test_cached_decoding_equals_uncached_forward(nvila):
     assert (step.logits[0, -1] - logits[n]).abs().max().item() <= 1e-4
 
 
+def test_generate_matches_transformers_decoding_bitwise(nvila):
+    """The engine's decode steps (``llm.Runner``) behind ``model.generate`` give, for one row, the
+    very logits of transformers' own forward with its cache, step by step."""
+    from transformers import DynamicCache
+
+    processor, model = nvila
+    inputs = processor.apply_chat_template(_user(_image(), _text("Describe.")), add_generation_prompt=True,
+                                           tokenize=True, return_dict=True, return_tensors="pt")
+    seen = []
+    n = inputs["input_ids"].shape[1]
+
+    def keep(generated, logits):
+        seen.append(logits.clone())
+        return logits
+
+    out = model.generate(**inputs, max_new_tokens=6, logits_processors=[[keep]])
+    with torch.no_grad():
+        cache = DynamicCache()
+        ref = [model(**inputs, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]]
+        for pos in range(n, out.shape[1] - 1):
+            ref.append(model.llm(input_ids=out[:, pos:pos + 1], position_ids=torch.tensor([[pos]]), cache=cache,
+                                 attention_mask=torch.ones(1, pos + 1, dtype=torch.long), use_cache=True).logits[0, -1])
+    assert len(seen) == len(ref) == out.shape[1] - n
+    for a, b in zip(seen, ref):
+        assert torch.equal(a, b.float())
+
+
+def test_generate_logits_processors_and_a_growing_cache(nvila):
+    """Per-row processors steer each row and ``accept`` ends it; decoding past the first cache
+    allocation (256 new positions) grows the cache without changing the ids."""
+    processor, model = nvila
+    convs = [_user(_text("Hi")), _user(_text("A longer question about rivers."))]
+    batch = processor.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                          return_tensors="pt")
+    n = batch["input_ids"].shape[1]
+
+    class Force:
+        """Forces ``token`` every step and ends the row after ``count`` tokens."""
+
+        def __init__(self, token, count):
+            self.token, self.count, self.accepted = token, count, []
+
+        def __call__(self, generated, logits):
+            logits.fill_(float("-inf"))
+            logits[self.token] = 0.0
+            return logits
+
+        def accept(self, token):
+            self.accepted.append(token)
+            return len(self.accepted) == self.count
+
+    rows = [Force(40, 3), Force(41, 5)]
+    out = model.generate(**batch, max_new_tokens=10, logits_processors=[[p] for p in rows])
+    assert out.shape[1] == n + 5
+    assert out[0, n:].tolist() == [40, 40, 40] + [model.ids.pad] * 2
+    assert out[1, n:].tolist() == [41] * 5
+    assert rows[0].accepted == [40] * 3 and rows[1].accepted == [41] * 5
+    with pytest.raises(ValueError, match="one list per row"):
+        model.generate(**batch, max_new_tokens=2, logits_processors=[[]])
+
+    single = processor.apply_chat_template(convs[0], add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    long = model.generate(**single, max_new_tokens=300, eos_token_id=[])  # no stop: all 300 tokens
+    assert long.shape[1] == single["input_ids"].shape[1] + 300
+    short = model.generate(**single, max_new_tokens=20, eos_token_id=[])
+    assert torch.equal(long[:, :short.shape[1]], short)
+
+
 def test_token_count_mismatch_raises_clear_error(nvila):
     processor, model = nvila
     inputs = processor.apply_chat_template(_user(_image(), _text("x")), add_generation_prompt=True, tokenize=True,

@@ -6,7 +6,7 @@ media and fuses them (see ``Engine`` for the contract).
 
 from .api import ConstraintError, GenerationRequest, LogitsProcessor, RequestMetrics, TokenEvent, TokenLogprob
 from .engine import Engine, EngineClosed, EngineConfig, RequestHandle
-from .runner import KVCache, Runner
+from ..llm import KVCache, Runner
 
 __all__ = ["ConstraintError", "Engine", "EngineClosed", "EngineConfig", "GenerationRequest", "KVCache",
            "LogitsProcessor", "RequestHandle", "RequestMetrics", "Runner", "TokenEvent", "TokenLogprob"]

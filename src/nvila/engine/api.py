@@ -116,6 +116,7 @@ class RequestMetrics:
     completion_tokens: int = 0
     visual_tokens: list[int] = field(default_factory=list)  # per medium
     cached_media: int = 0  # media whose features came from the vision-feature cache
+    cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache
     queue_s: float = 0.0  # submit -> prefill start
     ttft_s: float = 0.0  # submit -> first token
     prefill_s: float = 0.0
@@ -133,6 +134,7 @@ class RequestMetrics:
     def to_dict(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "visual_tokens": list(self.visual_tokens), "cached_media": self.cached_media,
+                "cached_tokens": self.cached_tokens,
                 "queue_s": self.queue_s, "ttft_s": self.ttft_s, "prefill_s": self.prefill_s,
                 "decode_s": self.decode_s, "prefill_tokens_per_s": self.prefill_tokens_per_s,
                 "decode_tokens_per_s": self.decode_tokens_per_s}

@@ -14,7 +14,9 @@ Choices, stated once:
 * separators are fixed (``", "`` and ``": "``, no other whitespace), so that a model cannot spend
   its budget on whitespace;
 * special tokens (chat markers, media placeholders) are never allowed; the checkpoint's stop
-  tokens are allowed exactly when the JSON is complete, and the request then ends with "stop".
+  tokens are allowed exactly when the JSON is complete, and the request then ends with "stop";
+* tokens holding a raw control character (U+0000-U+001F) are never allowed, so that an answer is
+  valid JSON even where xgrammar's grammar would admit one (length-bounded strings).
 
 This module knows a tokenizer and token ids, nothing about models.
 """
@@ -82,12 +84,21 @@ class JsonConstraints:
         self._xgr, self._jsonschema = xgr, jsonschema
         stop = list(stop_ids) or None  # none: the tokenizer's eos
         base = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop)
-        # The same table with every special token blanked (xgrammar never allows an empty token),
-        # so that a constrained answer holds no chat markers or media placeholders.
-        special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} - set(base.stop_token_ids)
+        # The same table with tokens blanked (xgrammar never allows an empty token), the stop tokens
+        # excepted:
+        # * every special token, so that a constrained answer holds no chat markers or media placeholders;
+        # * every token whose bytes hold a C0 control character (U+0000-U+001F). No answer these
+        #   grammars should accept holds one: JSON strings escape them, and the fixed separators leave
+        #   no \t, \n or \r between values. xgrammar lowers a string with minLength/maxLength to
+        #   [^"\\\r\n]{m,n} (its issue #800), which admits them; blanking them here keeps every answer
+        #   valid JSON whatever the schema. ``base.decoded_vocab`` holds each token's bytes as the
+        #   vocabulary type detected from the tokenizer (byte-level, byte fallback, raw) spells them.
+        special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        control = {i for i, spelled in enumerate(base.decoded_vocab) if any(b < 0x20 for b in spelled)}
+        blank = (special | control) - set(base.stop_token_ids)
         vocab = [""] * vocab_size
         for token, i in tokenizer.get_vocab().items():
-            if i < vocab_size and i not in special:
+            if i < vocab_size and i not in blank:
                 vocab[i] = token
         self.info = xgr.TokenizerInfo(vocab, base.vocab_type, vocab_size=vocab_size, stop_token_ids=base.stop_token_ids,
                                       add_prefix_space=base.add_prefix_space)

@@ -13,7 +13,10 @@ step. The engine keeps serving. Should the scheduler thread itself die, the engi
 everything it holds ends with "abort".
 
 Media features are cached by a hash of their pixels, so a follow-up turn about the same image or
-video does not re-encode it.
+video does not re-encode it. The KV of every finished request is kept too (``prefix.PrefixCache``,
+bounded, LRU): a request whose prompt starts like a kept one (same ids, same media) copies that KV
+and prefills only the rest, so a follow-up turn of a chat costs its new tokens only. Its metrics
+report the reused positions (``cached_tokens``).
 
 Per-request rules on the next token go through one hook: a request's logits processors (its own
 ``logits_processors``, then the JSON constraint its ``response_format`` asks for, built at submit)
@@ -38,6 +41,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..processor import MediumInfo, NVILAProcessor
@@ -45,7 +49,8 @@ from ..sampling import SamplingParams, sample
 from .api import MAX_TOP_LOGPROBS, ConstraintError, GenerationRequest, RequestMetrics, TokenEvent, TokenLogprob
 from .constraints import JsonConstraints, json_schema_of
 from .logprobs import TokenSpeller, token_logprob
-from .runner import Runner
+from .prefix import PrefixCache, prompt_key
+from ..llm import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +65,7 @@ class EngineConfig:
     max_seq_len: int | None = 4096  # context per stream; None = the model's model_max_length
     threads: int | None = None  # torch intra-op threads for the scheduler; None = torch's default
     vision_cache_size: int = 64  # media whose features are kept (0: no cache)
+    prefix_cache_mib: float = 512.0  # KV of finished requests kept for prefix reuse (0: no cache)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -70,6 +76,8 @@ class EngineConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.vision_cache_size < 0:
             raise ValueError(f"vision_cache_size must be >= 0, got {self.vision_cache_size}")
+        if self.prefix_cache_mib < 0:
+            raise ValueError(f"prefix_cache_mib must be >= 0, got {self.prefix_cache_mib}")
 
 
 class EngineClosed(RuntimeError):
@@ -173,10 +181,12 @@ class _Running:
     """Scheduler-side state of one request."""
 
     def __init__(self, handle: RequestHandle, request: GenerationRequest, inputs, detok: _Detokenizer, submitted: float,
-                 processors: list):
+                 processors: list, digests: list[str], key):
         self.handle = handle
         self.request = request
         self.inputs = inputs
+        self.digests = digests  # per medium, its content hash (feature cache and prefix key)
+        self.key = key  # (L,) the prompt's prefix-cache key (prefix.prompt_key), or None with no prefix cache
         self.detok = detok
         self.submitted = submitted
         self.params = SamplingParams(do_sample=request.do_sample, temperature=request.temperature,
@@ -217,6 +227,7 @@ class Engine:
         self._waiting: deque[_Running] = deque()
         self._active: list[_Running] = []
         self._features: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prefixes = PrefixCache(int(self.config.prefix_cache_mib * 2**20))
         self._wake = threading.Condition()
         self._shutdown = False
         self._thread = threading.Thread(target=self._loop, name="nvila-engine", daemon=True)
@@ -259,8 +270,14 @@ class Engine:
             raise ValueError(f"the prompt has {n} tokens; the context holds {self.context_length}")
         metrics = RequestMetrics(prompt_tokens=n, visual_tokens=[i.num_visual_tokens for i in infos[0]])
         handle = RequestHandle(f"req-{uuid.uuid4().hex[:16]}", infos[0], metrics)
+        digests = _media_digests(inputs, infos[0])
+        key = None
+        if self.config.prefix_cache_mib:
+            token = {"image": self.model.ids.image, "video": self.model.ids.video}
+            key = prompt_key(inputs["input_ids"][0], [(token[i.kind], d, i.num_visual_tokens)
+                                                      for i, d in zip(infos[0], digests)])
         running = _Running(handle, request, inputs, _Detokenizer(self.processor.tokenizer, request.stop), submitted,
-                           processors)
+                           processors, digests, key)
         with self._wake:
             if self._shutdown:  # checked again under the lock: the scheduler drains the queue once
                 raise EngineClosed("the engine is shut down")
@@ -280,7 +297,7 @@ class Engine:
             return None
         with self._constraints_lock:
             if self._constraints is None:
-                self._constraints = JsonConstraints(self.processor.tokenizer, self.model.config.llm.vocab_size,
+                self._constraints = JsonConstraints(self.processor.tokenizer, self.model.ids.vocab_size,
                                                     sorted(self._stop_ids))
         return self._constraints.processor(response_format)
 
@@ -298,10 +315,12 @@ class Engine:
 
     def stats(self) -> dict:
         """A snapshot: running requests (= KV-cache slots in use, of ``slots``), waiting requests,
-        ``kv_tokens`` (positions held in the cache by running requests) and cached media features."""
+        ``kv_tokens`` (positions held in the cache by running requests), cached media features, and
+        the prefix cache's entries, tokens, bytes, hits and reused tokens."""
         active = list(self._active)
         return {"running": len(active), "waiting": len(self._waiting), "slots": self.config.max_batch_size,
-                "kv_tokens": sum(r.position for r in active), "cached_media": len(self._features)}
+                "kv_tokens": sum(r.position for r in active), "cached_media": len(self._features),
+                "prefix_cache": self._prefixes.stats()}
 
     # -------------------------------------------------------------------------------- scheduler side
     def _loop(self) -> None:
@@ -351,8 +370,13 @@ class Engine:
         start = time.perf_counter()
         r.handle.metrics.queue_s = start - r.submitted
         try:  # a failure here is this request's alone: the slot it was prefilled into is still free
-            embeds = self._embed(r)
-            logits = self.runner.prefill(len(self._active), embeds)
+            slot, n = len(self._active), r.inputs["input_ids"].shape[1]
+            reused, entry = (0, None) if r.key is None else self._prefixes.longest(r.key, n - 1)
+            if entry is not None:
+                self.runner.cache.write(slot, entry.k[:, :, :reused], entry.v[:, :, :reused])
+                r.handle.metrics.cached_tokens = reused
+            embeds = self._embed(r, reused)
+            logits = self.runner.prefill(slot, embeds[:, reused:], start=reused)
             r.handle.metrics.prefill_s = time.perf_counter() - start
             if r.request.seed is not None:
                 r.generator = torch.Generator(device=logits.device).manual_seed(r.request.seed)
@@ -360,22 +384,28 @@ class Engine:
         except Exception as e:
             self._fail(r, e)
             return
-        r.position = embeds.shape[1]
+        r.position = n
         self._active.append(r)
         self._accept_or_fail(r, token, logprob)
 
-    def _embed(self, r: _Running) -> torch.Tensor:
-        """Prompt embeddings (1, L, H), encoding only media missing from the feature cache."""
+    def _embed(self, r: _Running, reused: int) -> torch.Tensor:
+        """Prompt embeddings (1, L, H), encoding only media missing from the feature cache; media
+        wholly inside the first ``reused`` positions (their KV is reused) get zero rows instead."""
         inputs = r.inputs.to(self.model.device)
         feats: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
         rows = {"image": 0, "video": 0}
         blocks = iter(inputs.get("image_block_sizes") or [])
-        for info in r.handle.media:
+        last = _media_last_positions(r.inputs["input_ids"][0], r.handle.media,
+                                     {"image": self.model.ids.image, "video": self.model.ids.video})
+        for info, digest, end in zip(r.handle.media, r.digests, last):
             key = "pixel_values" if info.kind == "image" else "pixel_values_videos"
             pixels = inputs[key][rows[info.kind]:rows[info.kind] + info.num_tiles]
             rows[info.kind] += info.num_tiles
             meta = [next(blocks)] if info.kind == "image" else [info.num_tiles]
-            digest = hashlib.sha1(pixels.detach().cpu().numpy().tobytes() + repr(meta).encode()).hexdigest()
+            if end < reused:
+                feats[info.kind].append(torch.zeros(info.num_visual_tokens, self.model.config.llm.hidden_size,
+                                                    dtype=self.model.dtype, device=self.model.device))
+                continue
             cached = self._features.get(digest)
             if cached is None:
                 encode = self.model.encode_images if info.kind == "image" else self.model.encode_videos
@@ -404,8 +434,7 @@ class Engine:
         try:
             device = self.model.device
             tokens = torch.tensor([r.last_token for r in batch], device=device)
-            positions = torch.tensor([r.position for r in batch], device=device)
-            logits = self.runner.decode(tokens, positions, max(r.position for r in batch) + 1).float()  # (B, V)
+            logits = self.runner.decode(tokens, [r.position for r in batch]).float()  # (B, V)
             greedy = all(r.params.greedy and r.params.repetition_penalty == 1.0 and not r.processors for r in batch)
             argmax = logits.argmax(-1).tolist() if greedy else [None] * len(batch)
         except Exception as e:
@@ -500,6 +529,8 @@ class Engine:
         tail = r.detok.flush() if flush and reason in ("stop", "length") else ""
         if r in self._active:
             i = self._active.index(r)
+            if r.key is not None and reason in ("stop", "length"):
+                self._keep_prefix(r, i)
             last = len(self._active) - 1
             if i != last:  # keep active requests in slots 0..B-1: move the last one into the hole
                 moved = self._active[last]
@@ -508,6 +539,12 @@ class Engine:
             self._active.pop()
         r.handle.finish_reason = reason
         self._emit(r, TokenEvent(r.handle.id, None, tail, reason, error=error, logprobs=r.take_logprobs()))
+
+    def _keep_prefix(self, r: _Running, slot: int) -> None:
+        """Offer the KV in ``slot`` (the prompt, then every sampled token but the last) to the prefix cache."""
+        generated = r.handle.token_ids[:r.position - len(r.key)]
+        key = np.concatenate([r.key, np.asarray(generated, dtype=np.int64)])
+        self._prefixes.insert(key, *self.runner.cache.read(slot, r.position))
 
     def _fail(self, r: _Running, e: Exception) -> None:
         """End one request with "error" (unless it has already ended), freeing its slot."""
@@ -525,6 +562,32 @@ class Engine:
     @staticmethod
     def _emit(r: _Running, ev: TokenEvent) -> None:
         r.handle._put(ev)
+
+
+def _media_digests(inputs, media: list[MediumInfo]) -> list[str]:
+    """Per medium, a hash of its pixels and tiling (the key of its features)."""
+    rows = {"image": 0, "video": 0}
+    blocks = iter(inputs.get("image_block_sizes") or [])
+    out = []
+    for info in media:
+        pixels = inputs["pixel_values" if info.kind == "image" else "pixel_values_videos"]
+        pixels = pixels[rows[info.kind]:rows[info.kind] + info.num_tiles]
+        rows[info.kind] += info.num_tiles
+        meta = [next(blocks)] if info.kind == "image" else [info.num_tiles]
+        out.append(hashlib.sha1(pixels.detach().cpu().numpy().tobytes() + repr(meta).encode()).hexdigest())
+    return out
+
+
+def _media_last_positions(input_ids: torch.Tensor, media: list[MediumInfo], token: dict[str, int]) -> list[int]:
+    """Per medium, the prompt position of its last placeholder token (``input_ids`` (L,), on the host)."""
+    ids = input_ids.numpy()
+    where = {kind: np.flatnonzero(ids == t) for kind, t in token.items()}
+    taken = {"image": 0, "video": 0}
+    out = []
+    for info in media:
+        taken[info.kind] += info.num_visual_tokens
+        out.append(int(where[info.kind][taken[info.kind] - 1]))
+    return out
 
 
 def _describe(e: Exception) -> str:

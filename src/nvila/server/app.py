@@ -51,7 +51,7 @@ from ..media import MediaError
 from .inputs import MediaPolicy, to_engine_messages
 from .limits import ServerLimits
 from .protocol import (ApiError, AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-                       ChoiceLogprobs, ChunkChoice, Delta, ModelCard, ModelList, Usage)
+                       ChoiceLogprobs, ChunkChoice, Delta, ModelCard, ModelList, PromptTokensDetails, Usage)
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,8 @@ class _Run:
     def usage(self) -> Usage:
         m = self.handle.metrics
         return Usage(prompt_tokens=m.prompt_tokens, completion_tokens=m.completion_tokens,
-                     total_tokens=m.prompt_tokens + m.completion_tokens, visual_tokens=list(m.visual_tokens))
+                     total_tokens=m.prompt_tokens + m.completion_tokens, visual_tokens=list(m.visual_tokens),
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=m.cached_tokens))
 
     def close(self) -> None:
         """Cancel the request if it has not ended (client gone), then log it once."""

@@ -191,10 +191,15 @@ class ChatCompletionRequest(_Strict):
 
 
 # ---------------------------------------------------------------------------------------- responses
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the engine's prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
     visual_tokens: list[int] = Field(default_factory=list)  # extension: per medium, prompt order
 
 
