@@ -62,9 +62,10 @@ def build_nvila_lite_2b(threads: int | None):
     model = NVILAForConditionalGeneration.on_meta(cfg, ids).materialize("cpu", torch.float32)
     random_init_(model)
     processor = NVILAProcessor(tok, cfg)
-    # No vision-feature cache: paired runs resend the same image, and a cache hit would skip the tower.
+    # No vision-feature or prefix cache: paired runs resend the same prompt, and a hit would skip the
+    # tower or the prefill.
     engine = Engine(model.eval(), processor, EngineConfig(max_batch_size=8, max_seq_len=2048, threads=threads,
-                                                          vision_cache_size=0))
+                                                          vision_cache_size=0, prefix_cache_mib=0))
     return model, processor, engine
 
 

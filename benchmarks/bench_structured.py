@@ -80,7 +80,8 @@ def mask_cost_us(engine: Engine, steps: int = 400) -> float:
 
 
 def bench(path: str, pairs: int, tokens: int, threads: int) -> dict:
-    engine = Engine.from_pretrained(path, config=EngineConfig(max_batch_size=1, max_seq_len=2048, threads=threads))
+    config = EngineConfig(max_batch_size=1, max_seq_len=2048, threads=threads, prefix_cache_mib=0)
+    engine = Engine.from_pretrained(path, config=config)
     try:
         decode_rate(engine, 8, None)  # warm-up: first-call allocations, the grammar compile
         decode_rate(engine, 8, FORMAT)

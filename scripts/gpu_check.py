@@ -167,7 +167,8 @@ def check_speed(t: Table, device: torch.device, quick: bool) -> None:
     model, processor, engine = B.build_nvila_lite_2b(None)
     engine.shutdown()
     model = model.to(device=device, dtype=dtype)
-    engine = Engine(model.eval(), processor, EngineConfig(max_batch_size=1, max_seq_len=2048, vision_cache_size=0))
+    engine = Engine(model.eval(), processor, EngineConfig(max_batch_size=1, max_seq_len=2048, vision_cache_size=0,
+                                                          prefix_cache_mib=0))
     image = B.test_image(896)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": B.PROMPT}]}]
     qwen = B.build_qwen2vl_2b().to(device=device, dtype=dtype)
