@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common import copy_bandwidth_gbs
+from common import copy_bandwidth_gbs, cpu_report
 from nvila import NVILAConfig, NVILAForConditionalGeneration, NVILAProcessor
 from nvila.checkpoint import token_ids
 from nvila.config import LLM_PRESETS, VisionConfig
@@ -196,6 +196,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--parts", default="abcd", help="which comparisons to run, e.g. 'cd' (default: abcd)")
     args = ap.parse_args()
+    print(f"CPU: {cpu_report()}", flush=True)
     if args.quick:
         args.pairs, args.new_tokens = 1, 12
     if args.threads:

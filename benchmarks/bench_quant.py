@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import copy_bandwidth_gbs
+from common import copy_bandwidth_gbs, cpu_report
 from nvila.config import LLMConfig, NVILAConfig, TokenIds, VisionConfig
 from nvila.llm import reset_llm_buffers
 from nvila.model import NVILAForConditionalGeneration
@@ -263,6 +263,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-llamacpp", action="store_true")
     args = ap.parse_args()
+    print(f"CPU: {cpu_report()}", flush=True)
     torch.set_num_threads(args.threads)
     reps = 2 if args.quick else 3
     new = 8 if args.quick else 24

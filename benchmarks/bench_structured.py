@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from common import cpu_report
+
 from nvila.engine import Engine, EngineConfig, GenerationRequest
 from nvila.engine.constraints import JsonConstraints
 
@@ -38,13 +40,6 @@ SCHEMA = {  # long enough to keep a random model busy: free strings, a bounded i
 }
 FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
 MESSAGES = [{"role": "user", "content": "Describe a person as JSON."}]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def decode_rate(engine: Engine, tokens: int, response_format: dict | None) -> tuple[float, int]:
@@ -115,7 +110,7 @@ def main() -> int:
 
             tiny = build_tiny_checkpoint(Path(tmp) / "tiny-nvila-lite", "nvila-lite")
             models = [str(tiny), str(default_model_path())]
-        print(f"CPU: {cpu_model()}; torch {torch.__version__}, {args.threads} thread(s); batch 1, greedy, "
+        print(f"CPU: {cpu_report()}; torch {torch.__version__}, {args.threads} thread(s); batch 1, greedy, "
               f"{args.tokens}-token budget, {args.pairs} pairs (medians)")
         print(f"{'model':<22}{'vocab':>8}{'free tok/s':>12}{'json tok/s':>12}{'ratio':>8}{'json tokens':>13}"
               f"{'mask us/token':>15}")

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from common import cpu_report
 from PIL import Image
 
 from dataclasses import replace
@@ -53,6 +55,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=512, help="LLM width (the tiny checkpoint uses 64)")
     args = ap.parse_args()
+    print(f"CPU: {cpu_report()}", flush=True)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from common import cpu_report
+
 from nvila import NVILAConfig, NVILAForConditionalGeneration, NVILAProcessor
 from nvila.checkpoint import token_ids
 from nvila.config import LLM_PRESETS, VisionConfig
@@ -74,7 +76,8 @@ def build(threads: int):
             if isinstance(m, (W4A16Linear, W8A8Linear)) and m.bias is not None:
                 m.bias.zero_()
     engine = Engine(model.eval(), NVILAProcessor(tok, cfg),
-                    EngineConfig(max_batch_size=1, max_seq_len=1024, threads=threads, vision_cache_size=0))
+                    EngineConfig(max_batch_size=1, max_seq_len=1024, threads=threads, vision_cache_size=0,
+                                 prefix_cache_mib=0))
     return model, engine
 
 
@@ -118,6 +121,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--kernels", nargs="+", default=["int4pack", "avx2-fp32", "avx2-dyn16", "avx2-dyn8"])
     args = ap.parse_args()
+    print(f"CPU: {cpu_report()}", flush=True)
     print(f"# bench_w4_decode {time.strftime('%Y-%m-%d %H:%M:%S')}  torch {torch.__version__}  "
           f"capability {torch.backends.cpu.get_cpu_capability()}")
     print(f"# load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -43,21 +42,6 @@ import time
 SHAPES = (("q", 1536, 1536, True), ("k", 256, 1536, True), ("v", 256, 1536, True), ("o", 1536, 1536, False),
           ("gate", 8960, 1536, False), ("up", 8960, 1536, False), ("down", 1536, 8960, False))  # (name, N, K, bias)
 GROUP = 128
-FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx_vnni", "avx512_vnni", "amx_bf16")
-
-
-def cpu_report() -> str:
-    model, flags = platform.processor() or "?", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    isa = " ".join(f"{f}{'+' if f in flags else '-'}" for f in FLAGS)
-    return f"{model}, {os.cpu_count()} CPUs; {isa}"
 
 
 def main() -> None:
@@ -72,6 +56,7 @@ def main() -> None:
     if args.emulate_avx2:
         os.environ.update(ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2")
     import torch  # after the environment is set
+    from common import cpu_report  # imports torch too
 
     from nvila.quant.cpu_kernels import load_w4a16_cpu
 

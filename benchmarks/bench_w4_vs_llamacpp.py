@@ -19,6 +19,7 @@ import torch
 
 from bench_quant import build_fp32, lite_2b_config, write_gguf
 from bench_w4_decode import build, decode, use
+from common import cpu_report
 
 THREADS = [int(t) for t in os.environ.get("THREADS", "1,2").split(",")]
 REPS = int(os.environ.get("REPS", "3"))
@@ -35,6 +36,7 @@ def llama_rate(llm) -> float:
 
 
 def main() -> None:
+    print(f"CPU: {cpu_report()}", flush=True)
     try:
         import llama_cpp
     except ImportError as e:
