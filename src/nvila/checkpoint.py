@@ -50,12 +50,13 @@ HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_
 
 
 def hub_patterns(weights: bool = True) -> list[str]:
-    """The files fetched for a Hub id: the top-level ``config.json`` and, per component, its JSON
-    configs and tokenizer files (``tokenizer.json``, ``vocab.json``, ``tokenizer_config.json``,
-    ``special_tokens_map.json``, ``added_tokens.json``, ``merges.txt``), chat templates (``*.jinja``)
-    and, with ``weights``, its safetensors. Never code (``*.py``) or pickles (``*.bin``, ``*.pt``)."""
+    """The files fetched for a Hub id, in either layout (``nvila.layouts``): JSON configs and tokenizer
+    files (``tokenizer.json``, ``vocab.json``, ``tokenizer_config.json``, ``special_tokens_map.json``,
+    ``added_tokens.json``, ``merges.txt``) and chat templates (``*.jinja``) at the root and in each
+    component directory and, with ``weights``, the safetensors. Never code (``*.py``) or pickles
+    (``*.bin``, ``*.pt``)."""
     kinds = ["*.json", "*.txt", "*.jinja", *(["*.safetensors"] if weights else [])]
-    return ["config.json", *(f"{c}/{k}" for c in COMPONENTS for k in kinds)]
+    return [*kinds, *(f"{c}/{k}" for c in COMPONENTS for k in kinds)]
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike, *, weights: bool = True,
@@ -129,17 +130,17 @@ def check_layout(path: str | os.PathLike, *, weights: bool = True, local_files_o
     unless ``weights`` is False) and the snapshot directory is returned, so callers resolve once and
     pass the returned path on.
     """
+    from .layouts import detect, known_layouts  # layouts.py imports this module
+
     root = resolve_checkpoint(path, weights=weights, local_files_only=local_files_only)
     name = str(root) if root == Path(path) else f"{os.fspath(path)} ({root})"
     if not root.exists():
         raise CheckpointError(f"{name}: no such checkpoint directory")
     if not root.is_dir():
-        raise CheckpointError(f"{name}: not a directory (expected a checkpoint with config.json, llm/, "
-                              f"vision_tower/, mm_projector/)")
-    missing = [n for n in ("config.json", *COMPONENTS) if not (root / n).exists()]
-    if missing:
-        raise CheckpointError(f"{name}: not an NVILA checkpoint in the published layout (missing: "
-                              f"{', '.join(missing)})")
+        raise CheckpointError(f"{name}: not a directory (expected a checkpoint; known layouts: {known_layouts()})")
+    if not (root / "config.json").is_file():
+        raise CheckpointError(f"{name}: not an NVILA checkpoint (no config.json); known layouts: {known_layouts()}")
+    detect(root).check(root, name, weights)
     return root
 
 
@@ -160,19 +161,6 @@ def safetensors_files(component_dir: Path) -> list[Path]:
         if not f.is_file():
             raise CheckpointError(f"{f}: listed in the shard index but missing")
     return files
-
-
-def read_state(component_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a component, as stored (CPU, file dtype)."""
-    state: dict[str, torch.Tensor] = {}
-    for file in safetensors_files(component_dir):
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    state[key] = f.get_tensor(key)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
-    return state
 
 
 # -------------------------------------------------------------------------------------- key maps
@@ -274,20 +262,24 @@ def resolve_chat_template(config, tok) -> str:
 
 
 def load_tokenizer(llm_dir: str | os.PathLike):
-    """transformers' fast tokenizer of ``llm/`` with NVILA's run-time additions, and its ids.
+    """transformers' fast tokenizer of ``llm_dir`` (``llm/``, or an hf root) with NVILA's run-time additions.
+
+    The directory's ``config.json`` is not consulted (an hf root's names model_type ``nvila``, which
+    transformers does not know): the class is the one ``tokenizer_config.json`` names, else Qwen2's.
 
     Additions in the reference order (spec §3.1): ``<vila/sentinel>``, then ``<image>``, then
     ``<vila/video>``, each added as a special token only if absent. Stop tokens are the token that
     follows an assistant turn in the chat template, plus ``eos_token``.
 
     Returns:
-        (tokenizer, TokenIds)
+        the tokenizer (``token_ids`` derives its ids).
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, Qwen2Config
 
     llm_dir = Path(llm_dir)
     try:
-        tok = AutoTokenizer.from_pretrained(os.fspath(llm_dir), padding_side="right", use_fast=True)
+        tok = AutoTokenizer.from_pretrained(os.fspath(llm_dir), config=Qwen2Config(), padding_side="right",
+                                            use_fast=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{llm_dir}: cannot load the tokenizer ({e})") from None
     for token in (SENTINEL, *MEDIA_TOKENS.values()):

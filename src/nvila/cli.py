@@ -38,15 +38,17 @@ import torch
 from . import __version__, tiling
 from .argtypes import float_in, int_at_least
 from .bundled import default_model_path
-from .checkpoint import (CheckpointError, check_layout, load_tokenizer, resolve_chat_template, resolve_checkpoint,
+from .checkpoint import (CheckpointError, check_layout, resolve_chat_template, resolve_checkpoint,
                          token_ids)
 from .config import ConfigError, NVILAConfig
+from .layouts import detect
 from .engine.constraints import JsonConstraints
 from .eval import cli as eval_cli
 from .media import DEFAULT_MAX_PIXELS, MediaError
 from .model import NVILAForConditionalGeneration
 from .processor import MediumInfo, NVILAProcessor, num_image_tokens, num_video_tokens
 from .projector import tokens_per_tile
+from . import convert
 from .quant import cli as quant_cli
 from .server import cli as serve_cli  # imports neither FastAPI nor uvicorn
 from .temporal import video_layout
@@ -409,10 +411,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     path = resolve_checkpoint(args.path, weights=False)
     tok = ids = None
     if path.is_dir():
-        check_layout(path)
+        check_layout(path, weights=False)
     cfg = NVILAConfig.from_pretrained(path)
     if path.is_dir():
-        tok = load_tokenizer(path / "llm")
+        tok = detect(path).load_tokenizer(path)
         ids = token_ids(tok, resolve_chat_template(cfg, tok))
     if args.max_tiles is not None:
         cfg = cfg.with_overrides(max_tiles=args.max_tiles)
@@ -508,6 +510,7 @@ COMMANDS: dict[str, Command] = {
                        _inspect_arguments, run_inspect),
     "serve": Command(serve_cli.HELP, serve_cli.add_arguments, serve_cli.run),
     "quantize": Command(quant_cli.HELP, quant_cli.add_arguments, quant_cli.run),
+    "convert": Command(convert.HELP, convert.add_arguments, convert.run),
     "train": Command("train or fine-tune NVILA from a recipe YAML", train_cli.add_arguments, train_cli.run),
     "finetune": Command("PEFT fine-tuning: LoRA on the LLM, LayerNorm-only ViT, full projector",
                         functools.partial(train_cli.add_arguments, finetune=True), train_cli.run),

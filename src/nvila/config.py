@@ -121,6 +121,22 @@ class ImageEncoderConfig:
 VIDEO_ENCODERS = {"BasicVideoEncoder": "basic", "TSPVideoEncoder": "tsp"}
 IMAGE_ENCODERS = {"BasicImageEncoder"}
 
+# The -hf layout's model types -> the projector types each can hold (the first is the default when
+# the config names none). Sources: SGLang python/sglang/srt/models/nvila.py (model_type "nvila": a
+# 2x2 space-to-channel block, then LayerNorm, Linear, GELU, Linear) and nvila_lite.py ("nvila_lite":
+# 3x3 block, then LayerNorm, Linear, GELU, LayerNorm, Linear, GELU, Linear); both read `text_config`
+# (Qwen2Config), `vision_config` (SiglipVisionConfig), `image_token_id` and `video_token_id`.
+HF_MODEL_TYPES: dict[str, tuple[str, ...]] = {
+    "nvila": ("mlp_downsample", "mlp_downsample_2x2_fix"),
+    "nvila_lite": ("mlp_downsample_3x3_fix",),
+}
+# `architectures` written per model type: SGLang's EntryClass names in the same files.
+HF_ARCHITECTURES = {"nvila": "NVILAForConditionalGeneration", "nvila_lite": "NVILALiteForConditionalGeneration"}
+# Keys of an -hf config that are not vila top-level fields, and vila top-level keys `to_hf` leaves out.
+_HF_ONLY = ("architectures", "model_type", "text_config", "vision_config", "image_token_id", "video_token_id")
+_NOT_HF_EXTRAS = ("architectures", "model_type", "llm_cfg", "vision_tower_cfg", "mm_projector_cfg", "hidden_size",
+                  "mm_hidden_size")
+
 
 @dataclass
 class NVILAConfig:
@@ -219,14 +235,46 @@ class NVILAConfig:
         return {"config.json": top, "llm": llm, "vision_tower": vision, "mm_projector": projector,
                 "preprocessor": preprocessor}
 
+    def to_hf(self, image_token_id: int, video_token_id: int) -> dict[str, dict]:
+        """The -hf layout's JSON files: {"config.json", "processor_config.json"} -> dict.
+
+        ``config.json`` holds what SGLang's loaders read (``model_type``, ``text_config``,
+        ``vision_config``, ``image_token_id``, ``video_token_id``) plus the preprocessing fields of the
+        vila layout's top-level config under the same names (extra keys, which those loaders ignore),
+        so that ``from_hf`` gives back an equal config. ``mm_hidden_size`` is not stored: the reader
+        derives it (from ``s2_scales`` here, from the projector weights for other writers).
+        """
+        model_type = next((t for t, types in HF_MODEL_TYPES.items() if self.projector_type in types), None)
+        if model_type is None:
+            valid = ", ".join(p for types in HF_MODEL_TYPES.values() for p in types)
+            raise ConfigError(f"the hf layout has no model_type for mm_projector_type {self.projector_type!r}; "
+                              f"valid: {valid}")
+        published = self.to_published()
+        extras = {k: v for k, v in published["config.json"].items() if k not in _NOT_HF_EXTRAS}
+        top = {"architectures": [HF_ARCHITECTURES[model_type]], "model_type": model_type,
+               "text_config": published["llm"], "vision_config": published["vision_tower"],
+               "image_token_id": image_token_id, "video_token_id": video_token_id,
+               "mm_projector_type": self.projector_type, **extras}
+        processor = {"processor_class": "NVILAProcessor", "image_mean": list(self.image_mean),
+                     "image_std": list(self.image_std)}
+        return {"config.json": top, "processor_config.json": processor}
+
     # ------------------------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, local_files_only: bool = False) -> "NVILAConfig":
-        """Read a checkpoint directory, a bare top-level ``config.json``, or a Hub id ``ORG/NAME[@REVISION]``
-        (its configs and tokenizer files only are fetched, see ``checkpoint.resolve_checkpoint``)."""
+        """Read a checkpoint directory (either layout of ``nvila.layouts``), a bare top-level
+        ``config.json``, or a Hub id ``ORG/NAME[@REVISION]`` (its configs and tokenizer files only are
+        fetched, see ``checkpoint.resolve_checkpoint``)."""
         from .checkpoint import resolve_checkpoint  # checkpoint.py imports this module
+        from .layouts import layout_of
 
         path = resolve_checkpoint(path, weights=False, local_files_only=local_files_only)
+        cfg_file = path / "config.json" if path.is_dir() else path
+        return layout_of(_read_json(cfg_file), cfg_file.parent).read_config(path)
+
+    @classmethod
+    def from_vila(cls, path: Path) -> "NVILAConfig":
+        """Read a vila-layout checkpoint directory, or its bare top-level ``config.json``."""
         root = path if path.is_dir() else path.parent
         cfg_file = path / "config.json" if path.is_dir() else path
         top = _read_json(cfg_file)
@@ -240,6 +288,54 @@ class NVILAConfig:
         if path.is_dir() and (root / "llm" / "tokenizer_config.json").is_file():
             tok_max_len = _read_json(root / "llm" / "tokenizer_config.json").get("model_max_length")
         return cls.from_dict(top, llm_raw, vis_raw, proj_raw, pre_raw, tok_max_len)
+
+    @classmethod
+    def from_hf(cls, top: dict, pre_raw: dict | None = None, tokenizer_max_length: int | None = None,
+                mm_hidden_size: int | None = None) -> "NVILAConfig":
+        """Translate an -hf root ``config.json`` (``model_type`` a key of ``HF_MODEL_TYPES``).
+
+        Fields the vila layout keeps at the top level are read under the same names when present
+        (``to_hf`` writes them). A config without them (NVIDIA's -hf uploads) gets the model type's
+        projector and a tiling derived from ``mm_hidden_size``, the projector's input width measured
+        on its weights: n = mm_hidden_size / vision hidden scales; n > 1 is dynamic S2 at scales
+        ``image_size * (1..n)`` (SGLang nvila.py: 3456 = 3 x 1152 with scales 448, 896, 1344),
+        n = 1 dynamic tiling without S2 (SGLang nvila_lite.py: 1152, no S2 merge).
+
+        Args:
+            top: the parsed root ``config.json``.
+            pre_raw: ``processor_config.json`` (``image_mean`` / ``image_std`` if present).
+            tokenizer_max_length: the tokenizer's ``model_max_length``, used if ``text_config`` has none.
+            mm_hidden_size: the projector input width from the weights; checked against the config.
+        """
+        model_type = top.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ConfigError(f"unsupported hf model_type {model_type!r}; valid: {', '.join(HF_MODEL_TYPES)}")
+        llm_raw, vis_raw = top.get("text_config"), top.get("vision_config")
+        if not isinstance(llm_raw, dict) or not isinstance(vis_raw, dict):
+            raise ConfigError("an hf config needs text_config and vision_config objects")
+        vila_top = {k: v for k, v in top.items() if k not in _HF_ONLY}
+        vila_top["model_type"] = "vila"
+        projector = vila_top.setdefault("mm_projector_type", HF_MODEL_TYPES[model_type][0])
+        if projector not in HF_MODEL_TYPES[model_type]:
+            raise ConfigError(f"mm_projector_type {projector!r} does not belong to model_type {model_type!r}; "
+                              f"valid: {', '.join(HF_MODEL_TYPES[model_type])}")
+        if "image_aspect_ratio" not in top:
+            if mm_hidden_size is None:
+                raise ConfigError("the hf config stores no tiling; deriving it needs the projector weights, "
+                                  "which are not available")
+            width = int(vis_raw.get("hidden_size", VisionConfig.hidden_size))
+            n, rest = divmod(mm_hidden_size, width)
+            if rest or n < 1:
+                raise ConfigError(f"the projector input width {mm_hidden_size} is not a multiple of the vision "
+                                  f"hidden size {width}")
+            size = int(vis_raw.get("image_size", VisionConfig.image_size))
+            vila_top["image_aspect_ratio"] = "dynamic_s2" if n > 1 else "dynamic"
+            vila_top["s2_scales"] = [size * (i + 1) for i in range(n)] if n > 1 else None
+        cfg = cls.from_dict(vila_top, llm_raw, vis_raw, None, pre_raw, tokenizer_max_length)
+        if mm_hidden_size is not None and mm_hidden_size != cfg.mm_hidden_size:
+            raise ConfigError(f"the projector weights take width {mm_hidden_size}, the config describes "
+                              f"{cfg.mm_hidden_size} (vision hidden x S2 scales)")
+        return cfg
 
     @classmethod
     def from_dict(cls, top: dict, llm_raw: dict | None = None, vis_raw: dict | None = None,

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (CheckpointError, check_layout, load_component, load_llm_state, load_tokenizer,
-                         read_state, resolve_chat_template, token_ids)
+from .checkpoint import CheckpointError, check_layout, load_component, load_llm_state, resolve_chat_template, token_ids
 from .config import ConfigError, NVILAConfig, TokenIds
+from .layouts import detect, read_states
 from .llm import build_llm, reset_llm_buffers
 from .projector import build_projector
 from .quant.format import apply_quant_metadata, read_quant_metadata
@@ -54,7 +54,7 @@ class NVILAForConditionalGeneration(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
                         dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                         local_files_only: bool = False) -> "NVILAForConditionalGeneration":
-        """Load a checkpoint in the published layout: a directory, or a Hub id ``ORG/NAME[@REVISION]``
+        """Load a checkpoint in either layout of ``nvila.layouts`` (vila or hf): a directory, or a Hub id ``ORG/NAME[@REVISION]``
         fetched into the Hugging Face cache (``checkpoint.resolve_checkpoint``; ``local_files_only``
         or ``HF_HUB_OFFLINE=1``: the cache only).
 
@@ -70,15 +70,17 @@ class NVILAForConditionalGeneration(nn.Module):
             config = NVILAConfig.from_pretrained(root)
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
-        tok = load_tokenizer(Path(root) / "llm")
+        layout = detect(root)
+        tok = layout.load_tokenizer(root)
         ids = token_ids(tok, resolve_chat_template(config, tok))
         model = cls.on_meta(config, ids)
         quantized = read_quant_metadata(root)  # {component: {module: scheme spec}}, {} if full precision
         apply_quant_metadata(model, quantized)  # swap the listed linears on meta, before allocation
         model = model.materialize(device, dtype)
-        load_llm_state(model.llm, read_state(root / "llm"), ids.vocab_size, config.llm.tie_word_embeddings)
-        load_component(model.vision_tower, "vision_tower", read_state(root / "vision_tower"))
-        load_component(model.mm_projector, "mm_projector", read_state(root / "mm_projector"))
+        states = read_states(root, layout)  # {component: {module key: tensor}}
+        load_llm_state(model.llm, states["llm"], ids.vocab_size, config.llm.tie_word_embeddings)
+        load_component(model.vision_tower, "vision_tower", states["vision_tower"])
+        load_component(model.mm_projector, "mm_projector", states["mm_projector"])
         return model.eval()
 
     @classmethod

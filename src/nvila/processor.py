@@ -28,8 +28,9 @@ import torch
 
 from . import media as media_io
 from . import tiling
-from .checkpoint import MEDIA_TOKENS, check_layout, load_tokenizer, resolve_chat_template, token_ids
+from .checkpoint import MEDIA_TOKENS, check_layout, resolve_chat_template, token_ids
 from .config import NVILAConfig, TokenIds
+from .layouts import detect
 from .projector import tokens_per_tile
 from .temporal import video_layout
 from .vision import s2_output_grid
@@ -131,7 +132,7 @@ class NVILAProcessor:
         config = NVILAConfig.from_pretrained(root)
         if overrides:
             config = config.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
-        return cls(load_tokenizer(Path(root) / "llm"), config, max_pixels=max_pixels)
+        return cls(detect(root).load_tokenizer(root), config, max_pixels=max_pixels)
 
     # ---------------------------------------------------------------------------------- public API
     def apply_chat_template(self, conversation, *, add_generation_prompt: bool = False, tokenize: bool = False,

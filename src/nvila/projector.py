@@ -24,6 +24,7 @@ __all__ = [
     "MultimodalProjector",
     "SpaceToChannel",
     "build_projector",
+    "downsample_factor",
     "space_to_channel",
     "tokens_per_tile",
 ]
@@ -189,6 +190,16 @@ def tokens_per_tile(projector_type: str, grid: int) -> int:
     Raises:
         ValueError: unknown type.
     """
-    _builder(projector_type)
-    k = _DOWNSAMPLE_MLPS[projector_type][0] if projector_type in _DOWNSAMPLE_MLPS else 1
+    k = downsample_factor(projector_type)
     return (-(-grid // k)) ** 2
+
+
+def downsample_factor(projector_type: str) -> int:
+    """The side k of the k x k neighbourhoods a projector folds into one token (1: no folding), so
+    its first layer takes ``k * k * Cin`` features.
+
+    Raises:
+        ValueError: unknown type.
+    """
+    _builder(projector_type)
+    return _DOWNSAMPLE_MLPS[projector_type][0] if projector_type in _DOWNSAMPLE_MLPS else 1

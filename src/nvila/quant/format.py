@@ -32,6 +32,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..checkpoint import COMPONENTS, CheckpointError, safetensors_files
+from ..layouts import detect, shard_metadata
 from .linear import SCHEMES, QuantLinear, W4A16Linear, W8A8Linear
 
 METADATA_KEY = "nvila_quant"
@@ -79,7 +80,18 @@ def read_quant_metadata(root: str | os.PathLike) -> dict[str, dict[str, dict]]:
     """{component: {module path: spec}} for the quantized components of a checkpoint ({} if none).
 
     All safetensors files of a component must agree (a sharded component repeats the metadata).
+    Quantized checkpoints exist in the vila layout only (``nvila.layouts``).
+
+    Raises:
+        CheckpointError: malformed metadata, disagreeing shards, or quantized weights in the hf layout.
     """
+    root = Path(root)
+    if detect(root).name == "hf":
+        for file in safetensors_files(root):
+            if METADATA_KEY in shard_metadata(file):
+                raise CheckpointError(f"{file}: quantized weights ({METADATA_KEY} metadata) in the hf layout; "
+                                      f"nvila reads quantized checkpoints in the vila layout only")
+        return {}
     found: dict[str, dict[str, dict]] = {}
     for name in COMPONENTS:
         raws = set()

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointError, check_layout, load_tokenizer, save_pretrained
+from ..checkpoint import CheckpointError, check_layout, save_pretrained
+from ..layouts import detect
 from .awq import awq_quantize
 from .calib import InputCapture, calibration_tiles, default_calibration_file, read_texts, text_blocks
 from .format import component_metadata, read_quant_metadata
@@ -235,7 +236,7 @@ def quantize_checkpoint(model_path: str | os.PathLike, out_dir: str | os.PathLik
     if read_quant_metadata(root):
         raise CheckpointError(f"{root}: already quantized (its weights carry nvila_quant metadata); "
                               f"quantize the full-precision checkpoint instead")
-    tok = load_tokenizer(root / "llm")
+    tok = detect(root).load_tokenizer(root)
     calib = Calibration(search_tokens=search_tokens)
     if plan.needs_text:
         texts = read_texts(calib_file or default_calibration_file())
