@@ -19,3 +19,12 @@ def tiny_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
     tokenizer = unpack_tokenizer(root / "tokenizer")
     return {v: build_checkpoint(v, root / v, tokenizer) for v in VARIANTS}
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoints(tiny_checkpoints, tmp_path_factory):
+    """{variant: path} the three golden checkpoints converted to the hf layout by ``nvila convert``."""
+    from nvila.convert import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("ckpt-hf")
+    return {v: convert_checkpoint(path, root / v, "hf") for v, path in tiny_checkpoints.items()}

@@ -21,6 +21,20 @@ def golden_case(name: str) -> tuple[dict, dict[str, np.ndarray]]:
     return case, arrays
 
 
+def golden_messages(case: dict) -> list[dict]:
+    """A golden case's messages with media paths resolved under the golden inputs."""
+    out = []
+    for m in case["messages"]:
+        parts = []
+        for p in m["content"]:
+            p = dict(p)
+            if p["type"] in ("image", "video"):
+                p[p["type"]] = str(GOLDEN / "inputs" / p[p["type"]])
+            parts.append(p)
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
 # A JSON schema with every field bounded, so that any model, random weights included, completes it
 # within a few hundred tokens; and the response_format that asks for it (engine and server tests).
 PERSON_SCHEMA = {

@@ -11,24 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from nvila_testing import GOLDEN, golden_case
+from nvila_testing import golden_case, golden_messages as _messages
 from nvila import NVILAForConditionalGeneration, NVILAProcessor
 
 CASES = ["nvila__text", "nvila__image", "nvila-lite__image", "nvila-video__video"]
 TOL = 1e-4
-
-
-def _messages(case):
-    out = []
-    for m in case["messages"]:
-        parts = []
-        for p in m["content"]:
-            p = dict(p)
-            if p["type"] in ("image", "video"):
-                p[p["type"]] = str(GOLDEN / "inputs" / p[p["type"]])
-            parts.append(p)
-        out.append({"role": m["role"], "content": parts})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -92,7 +92,9 @@ def test_an_existing_local_directory_wins_over_a_hub_id(tmp_path, monkeypatch):
 
 
 def test_only_configs_tokenizers_templates_and_safetensors_are_fetched():
+    """Both layouts: the vila component directories and the hf root."""
     listing = ["config.json", "README.md", "modeling_vila.py", "training_args.bin", "model.safetensors",
+               "chat_template.jinja", "processor_config.json", "model.safetensors.index.json", "processing_nvila.py",
                "llm/config.json", "llm/generation_config.json", "llm/tokenizer.json", "llm/tokenizer_config.json",
                "llm/vocab.json", "llm/merges.txt", "llm/special_tokens_map.json", "llm/added_tokens.json",
                "llm/chat_template.jinja", "llm/model.safetensors.index.json", "llm/model-00001-of-00002.safetensors",
@@ -100,11 +102,12 @@ def test_only_configs_tokenizers_templates_and_safetensors_are_fetched():
                "vision_tower/config.json", "vision_tower/preprocessor_config.json", "vision_tower/model.safetensors",
                "vision_tower/optimizer.pt", "mm_projector/config.json", "mm_projector/model.safetensors",
                "mm_projector/mm_projector.pth"]
-    configs = {"config.json", "llm/config.json", "llm/generation_config.json", "llm/tokenizer.json",
+    configs = {"config.json", "chat_template.jinja", "processor_config.json", "model.safetensors.index.json",
+               "llm/config.json", "llm/generation_config.json", "llm/tokenizer.json",
                "llm/tokenizer_config.json", "llm/vocab.json", "llm/merges.txt", "llm/special_tokens_map.json",
                "llm/added_tokens.json", "llm/chat_template.jinja", "llm/model.safetensors.index.json",
                "vision_tower/config.json", "vision_tower/preprocessor_config.json", "mm_projector/config.json"}
-    weights = {"llm/model-00001-of-00002.safetensors", "llm/model-00002-of-00002.safetensors",
+    weights = {"model.safetensors", "llm/model-00001-of-00002.safetensors", "llm/model-00002-of-00002.safetensors",
                "vision_tower/model.safetensors", "mm_projector/model.safetensors"}
     assert set(filter_repo_objects(listing, allow_patterns=hub_patterns(weights=False))) == configs
     assert set(filter_repo_objects(listing, allow_patterns=hub_patterns())) == configs | weights
