@@ -106,3 +106,22 @@ def test_evaluate_reports_a_record_without_an_answer(ckpt, tmp_path):
     bad.write_text(json.dumps({"id": "x", "conversations": [{"from": "human", "value": "hi"}]}) + "\n")
     with pytest.raises(ValueError, match="record 0 \\(x\\): cannot evaluate \\(no answer\\)"):
         evaluate(ckpt, bad, progress=False)
+
+
+@pytest.mark.slow
+def test_engine_batch_sizes_agree_with_generate(ckpt, tmp_path):
+    """Batched engine answers are the answers of one sample at a time and of ``model.generate``."""
+    from nvila import NVILAForConditionalGeneration, NVILAProcessor
+    from nvila.eval import _prompt_and_answer
+
+    split = S.generate("coarse_colour", 5, tmp_path, 3)
+    one, many = (evaluate(ckpt, split, max_new_tokens=4, batch_size=b, progress=False) for b in (1, 4))
+    assert [s["prediction"] for s in one["samples"]] == [s["prediction"] for s in many["samples"]]
+    processor, model = NVILAProcessor.from_pretrained(ckpt), NVILAForConditionalGeneration.from_pretrained(ckpt)
+    messages, _ = _prompt_and_answer(json.loads(split.read_text().splitlines()[0]), split.parent)
+    inputs, _ = processor.prepare([messages], add_generation_prompt=True)
+    ids = model.generate(**inputs, max_new_tokens=4)
+    assert processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == \
+        one["samples"][0]["prediction"]
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+        _run_cli(["--model", str(ckpt), "--task", "coarse_count", "--batch-size", "0"])

@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None,
                         help="generate the split from this seed instead of each family's eval seed")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="decode budget per answer")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="samples the continuous-batching engine decodes together (KV-cache slots)")
     parser.add_argument("--max-tiles", type=int, default=None, help="override the checkpoint's max_tiles")
     parser.add_argument("--num-frames", type=int, default=None, help="override the video frames sampled")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -69,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="nvila-eval-") as tmp:
@@ -76,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
                           args.preset, args.seed)
         generated = path.parent == Path(tmp)
         result = evaluate(args.model, path, None if generated else args.limit, max_new_tokens=args.max_new_tokens,
-                          progress=not args.no_progress, max_tiles=args.max_tiles, num_video_frames=args.num_frames,
+                          batch_size=args.batch_size, progress=not args.no_progress, max_tiles=args.max_tiles,
+                          num_video_frames=args.num_frames,
                           device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if generated:
         result["task"] = args.task

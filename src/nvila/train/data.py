@@ -6,8 +6,8 @@ Record format (spec §2.1)::
      "conversations": [{"from": "human", "value": "<image>\\nWhat is this?"},
                        {"from": "gpt", "value": "A cat."}, ...]}
 
-Media paths are relative to the dataset's media root. As in the reference, the ``<image>`` /
-``<video>`` markers are stripped from the text and the media are prepended to the first human turn.
+Media paths are relative to the dataset's media root. Reading files and turning records into
+messages is ``nvila.data.llava`` (shared with ``nvila.eval``; its names are re-exported here).
 
 Mixture YAML (paths relative to the YAML file)::
 
@@ -28,7 +28,6 @@ Bad samples (missing or corrupt media, empty answers, no first human turn, longe
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -38,20 +37,12 @@ from pathlib import Path
 
 import torch
 
+from ..data.llava import BadSample, read_records, to_conversation
 from .config import TrainConfigError
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-MARKERS = ("<image>", "<video>")
-
-
-class BadSample(Exception):
-    """A sample that cannot be trained on; ``reason`` is a short counter key."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 # ---------------------------------------------------------------------------------------- mixture
@@ -103,21 +94,6 @@ def load_mixture(path: str | os.PathLike) -> list[DatasetSpec]:
     return specs
 
 
-def read_records(path: Path) -> list[dict]:
-    """All records of a ``.json`` (a list) or ``.jsonl`` file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except (OSError, ValueError) as e:
-        raise TrainConfigError(f"{path}: unreadable data file ({e})") from None
-    if not isinstance(records, list):
-        raise TrainConfigError(f"{path}: expected a JSON list of samples (or JSONL, one per line)")
-    return records
-
-
 class MixtureDataset:
     """The mixture as one indexable list of (record, media root), repeats and sub-sampling applied."""
 
@@ -158,44 +134,6 @@ class Sample:
     pixel_values_videos: torch.Tensor | None = None  # (N_frames, 3, S, S)
     video_num_frames: list[int] = field(default_factory=list)
     source: int = -1  # its dataset's index in the mixture (MixtureDataset.names); -1 when unknown
-
-
-def to_conversation(record: dict, media_root: Path) -> list[dict]:
-    """A LLaVA record -> processor messages; media become parts of the first human turn.
-
-    Raises:
-        BadSample: no conversations, a first turn that is not human, an empty answer, missing media.
-    """
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise BadSample("no conversations")
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-    messages = []
-    for t in turns:
-        role = roles.get(t.get("from") if isinstance(t, dict) else None)
-        if role is None or not isinstance(t.get("value"), str):
-            raise BadSample("malformed turn", repr(t)[:80])
-        text = t["value"]
-        for marker in MARKERS:
-            text = text.replace(marker, "")
-        if role == "assistant" and not text.strip():
-            raise BadSample("empty answer")
-        messages.append({"role": role, "content": text.strip()})
-    first = next((m for m in messages if m["role"] != "system"), None)
-    if first is None or first["role"] != "user":
-        raise BadSample("first turn is not human")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise BadSample("no answer")
-    parts = []
-    for kind in ("image", "video"):
-        value = record.get(kind)
-        for rel in ([value] if isinstance(value, str) else value or []):
-            path = Path(rel) if os.path.isabs(rel) else media_root / rel
-            if not path.exists():
-                raise BadSample("missing media", str(path))
-            parts.append({"type": kind, kind: str(path)})
-    first["content"] = parts + [{"type": "text", "text": first["content"]}]
-    return messages
 
 
 def assistant_header_ids(processor) -> list[int]:
