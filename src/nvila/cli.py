@@ -106,8 +106,8 @@ def _device(text: str) -> torch.device:
 # ----------------------------------------------------------------------------------------- infer
 def _infer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH",
-                   help="checkpoint directory in the published layout (config.json, llm/, vision_tower/, "
-                        f"mm_projector/), or {HUB_HELP}; default: the bundled SynthVILA model")
+                   help="checkpoint directory in the vila layout (config.json, llm/, vision_tower/, mm_projector/) "
+                        f"or the hf layout (docs/checkpoints.md), or {HUB_HELP}; default: the bundled SynthVILA model")
     p.add_argument("--media", nargs="+", default=[], metavar="F",
                    help="images and videos, placed before the text in this order. A directory is a video "
                         f"(its files are the frames, in name order); {', '.join(sorted(VIDEO_SUFFIXES))} are "

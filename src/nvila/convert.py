@@ -125,8 +125,18 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, to: s
             shutil.copyfile(generation, tok_dir / GENERATION_CONFIG)
         else:
             write_json(tok_dir / GENERATION_CONFIG, {"eos_token_id": list(ids.stop), "pad_token_id": ids.pad})
+        _publish_permissions(tmp)
         os.replace(tmp, out)  # onto a missing or empty directory
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _publish_permissions(root: Path) -> None:
+    """Give the staged tree the modes of ordinary new files under the umask (the staging directory
+    from ``mkdtemp`` and some written files are private to the owner)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (root, *root.rglob("*")):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)

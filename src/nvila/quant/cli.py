@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .handler import CHOICES
 
     p.add_argument("--model", required=True,
-                   help="full-precision checkpoint (published layout): a directory or a Hugging Face Hub id "
+                   help="full-precision checkpoint (vila or hf layout; the output is in the vila layout): a directory "
+                        "or a Hugging Face Hub id "
                         "ORG/NAME[@REVISION]")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--vision", default="none", choices=CHOICES["vision"], help="vision tower scheme")

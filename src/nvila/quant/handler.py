@@ -206,7 +206,8 @@ def quantize_checkpoint(model_path: str | os.PathLike, out_dir: str | os.PathLik
                         calib_file: str | os.PathLike | None = None, calib_images: list | None = None,
                         n_samples: int = 128, seq_len: int = 512, n_tiles: int = 8, search_tokens: int = 1024,
                         device: str | torch.device = "cpu", seed: int = 0) -> Path:
-    """Quantize a full-precision checkpoint into ``out_dir`` (published layout + ``nvila_quant`` metadata).
+    """Quantize a full-precision checkpoint (vila or hf layout) into ``out_dir`` (vila layout + ``nvila_quant``
+    metadata; quantized checkpoints exist in the vila layout only).
 
     Args:
         model_path: the input checkpoint.

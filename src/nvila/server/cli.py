@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Declare the ``serve`` flags on ``p``."""
     d = ServerLimits()
     p.add_argument("--model", metavar="PATH",
-                   help="checkpoint directory in the published layout or a Hugging Face Hub id ORG/NAME[@REVISION] "
+                   help="checkpoint directory (vila or hf layout) or a Hugging Face Hub id ORG/NAME[@REVISION] "
                         "(default: the bundled SynthVILA model)")
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; 0.0.0.0 exposes it)")
