@@ -1,14 +1,16 @@
-"""The published NVILA checkpoint layout <-> our modules.
+"""NVILA checkpoints <-> our modules: hub ids, safetensors files, key maps, strict loading, the tokenizer.
 
-Layout (format ``llava_llama``)::
+Module keys per component (the vila layout stores them as they are, one directory per component;
+the hf layout prefixes them with the component name; see ``nvila.layouts``, which tells the two
+apart and reads their configs)::
 
-    <ckpt>/config.json      top-level config (see config.py)
-    <ckpt>/llm/             Qwen2 weights (model*.safetensors) + tokenizer files
-    <ckpt>/vision_tower/    SigLIP weights, keys "vision_model.*"
-    <ckpt>/mm_projector/    projector weights, keys "layers.<i>.weight|bias"
+    llm            Qwen2 weights ("model.*", "lm_head.weight") + tokenizer files
+    vision_tower   SigLIP weights, keys "vision_model.*"
+    mm_projector   projector weights, keys "layers.<i>.weight|bias"
 
 This module owns: resolving a Hugging Face Hub id into its cached snapshot (``resolve_checkpoint``),
-finding a component's safetensors files (single file or sharded index), one key map per component,
+checking a directory (``check_layout``), finding the safetensors files of a directory (single file
+or sharded index), one key map per component,
 strict key checking (missing and unexpected keys are errors), the vocabulary resize of spec §2.2,
 and the tokenizer with its run-time additions (spec §3.1). Pickle files are never loaded (nor
 fetched). It does not know how the modules compute anything.
@@ -23,7 +25,6 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .config import TokenIds
@@ -37,7 +38,7 @@ MEDIA_TOKENS = {"image": "<image>", "video": "<vila/video>"}
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory does not match the published layout, or its weights do not fit."""
+    """A checkpoint directory is in no known layout (``nvila.layouts``), or its weights do not fit."""
 
 
 # -------------------------------------------------------------------------------------- hub ids
@@ -324,7 +325,7 @@ def _write_json(path: Path, obj: dict) -> None:
 def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *,
                     metadata: dict[str, str] | None = None,
                     component_metadata: dict[str, dict[str, str]] | None = None) -> Path:
-    """Write ``model`` (an ``NVILAForConditionalGeneration``) and its tokenizer in the published layout.
+    """Write ``model`` (an ``NVILAForConditionalGeneration``) and its tokenizer in the vila layout.
 
     The directory appears atomically: everything is written to a sibling temporary directory which
     is then renamed over ``out_dir`` (an existing ``out_dir`` is replaced).

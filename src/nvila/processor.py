@@ -21,7 +21,6 @@ import logging
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch

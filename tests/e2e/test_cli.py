@@ -221,6 +221,35 @@ def test_python_dash_m_entry_point(tiny_checkpoints):
     assert report["media"][0]["visual_tokens"] == 256 and report["new_tokens"] >= 1
 
 
+@pytest.mark.slow
+def test_convert_then_infer_on_the_hf_copy(tiny_checkpoints, tmp_path):
+    """``python -m nvila convert --to hf`` (progress bar on stderr, one JSON line on stdout), then
+    ``nvila infer`` on the copy answers as on the original."""
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "nvila", "convert", "--to", "hf", str(tiny_checkpoints["nvila-lite"]),
+                           str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["layout"] == "hf" and "convert to hf" in proc.stderr
+    answers = []
+    for model in (tiny_checkpoints["nvila-lite"], out):
+        cmd = [sys.executable, "-m", "nvila", "infer", "--model", str(model), "--media", str(ASSETS / "example.png"),
+               "--text", "What is this?", "--threads", "1", "--json", *FAST]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        answers.append(json.loads(proc.stdout)["answer"])
+    assert answers[0] == answers[1]
+
+
+def test_convert_bad_input_is_one_line(capsys, tiny_checkpoints, tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    (tmp_path / "neither").mkdir()
+    (tmp_path / "neither" / "config.json").write_text('{"model_type": "llama"}')
+    assert_bad_input(*run(capsys, ["convert", "--to", "hf", tiny_checkpoints["nvila"], tmp_path / "full"]))
+    assert_bad_input(*run(capsys, ["convert", "--to", "vila", tmp_path / "neither", tmp_path / "out"]))
+    assert_bad_input(*run(capsys, ["convert", "--to", "gguf", tiny_checkpoints["nvila"], tmp_path / "out"]))
+
+
 # ------------------------------------------------------------------------------------ bad input
 BAD_INFER = {
     "missing file": ["--media", "{media[root]}/missing.png"],
