@@ -316,12 +316,6 @@ def token_ids(tok, chat_template: str) -> TokenIds:
 
 
 # ---------------------------------------------------------------------------------------- saving
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *,
                     metadata: dict[str, str] | None = None,
                     component_metadata: dict[str, dict[str, str]] | None = None) -> Path:
@@ -345,22 +339,20 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *,
 
     from safetensors.torch import save_file
 
+    from .layouts import LAYOUTS  # layouts.py imports this module
+
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        files = model.config.to_published()
-        _write_json(tmp / "config.json", files["config.json"])
+        LAYOUTS["vila"].write_configs(model.config, model.ids, tmp)
         tied = model.config.llm.tie_word_embeddings
         for name in COMPONENTS:
-            (tmp / name).mkdir()
-            _write_json(tmp / name / "config.json", files[name])
             state = {map_key(name, k, to_published=True): v.detach().to("cpu").contiguous()
                      for k, v in getattr(model, name).state_dict().items()
                      if not (name == "llm" and tied and k == "lm_head.weight")}
             meta = {"format": "pt", **(metadata or {}), **(component_metadata or {}).get(name, {})}
             save_file(state, tmp / name / "model.safetensors", metadata=meta)
-        _write_json(tmp / "vision_tower" / "preprocessor_config.json", files["preprocessor"])
         tokenizer.save_pretrained(os.fspath(tmp / "llm"))
         if out.exists():
             shutil.rmtree(out)
