@@ -25,6 +25,7 @@ from .llm import build_llm, reset_llm_buffers
 from .projector import build_projector
 from .quant.format import apply_quant_metadata, read_quant_metadata
 from .temporal import encode_video_features
+from .timetokens import ensure_time_tokens
 from .tiling import dynamic_s2_num_tiles
 from .vision import VisionTower, s2_blocks, s2_output_grid, s2_unblock
 
@@ -71,6 +72,7 @@ class NVILAForConditionalGeneration(nn.Module):
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
         tok = load_tokenizer(Path(root) / "llm")
+        ensure_time_tokens(tok, config.num_time_tokens, config.time_token_format)
         ids = token_ids(tok, resolve_chat_template(config, tok))
         model = cls.on_meta(config, ids)
         quantized = read_quant_metadata(root)  # {component: {module: scheme spec}}, {} if full precision
