@@ -92,13 +92,12 @@ def check_resume(ckpt: Path, *, strategy: str, fmt: str, world: int) -> None:
                          f"number (now {world}) so every rank finds its data position")
 
 
-def _dcp_state(model: nn.Module, optimizer) -> tuple[dict, object]:
+def _dcp_state(model: nn.Module, optimizer) -> dict:
     """{"model", "optim"} state dicts of the trainable parameters (sharded DTensors under FSDP2)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    options = StateDictOptions(ignore_frozen_params=True)
-    msd, osd = get_state_dict(model, optimizer, options=options)
-    return {"model": msd, "optim": osd}, options
+    msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": msd, "optim": osd}
 
 
 def save(output_dir: str | os.PathLike, step: int, *, model: nn.Module, tokenizer, optimizer, scheduler,
@@ -129,7 +128,7 @@ def save(output_dir: str | os.PathLike, step: int, *, model: nn.Module, tokenize
     if fmt == "dcp":
         import torch.distributed.checkpoint as dcp
 
-        state, _ = _dcp_state(model, optimizer)
+        state = _dcp_state(model, optimizer)
         dcp.save(state, checkpoint_id=staging / "trainer" / "dcp")
         if info.is_main:
             torch.save(scheduler.state_dict(), staging / "trainer" / "scheduler.pt")
@@ -164,16 +163,21 @@ def load(ckpt: Path, *, model: nn.Module, optimizer, scheduler, stream, info: D.
         meta = json.load(f)
     if fmt == "dcp":
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        state, options = _dcp_state(model, optimizer)
-        try:
-            dcp.load(state, checkpoint_id=ckpt / "trainer" / "dcp")
-        except Exception as e:  # DCP raises CheckpointException (not a ValueError) for missing keys
-            raise ValueError(f"{ckpt}: the trainable state does not match this config ({str(e)[:300]}); "
-                             f"resume with the config of the interrupted run") from None
+        path = ckpt / "trainer" / "dcp"
+        saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)  # flattened "model.<fqn>" ...
+        state = _dcp_state(model, optimizer)
+        missing = sorted(k for k in state["model"] if f"model.{k}" not in saved)
+        if missing:
+            raise ValueError(f"{ckpt}: trainable tensors do not match this config (e.g. {missing[:3]}); "
+                             f"resume with the config of the interrupted run")
+        for name in list(state["optim"]["state"]):  # trainable tensors that never got a gradient have no
+            if f"optim.state.{name}.step" not in saved:  # AdamW state (e.g. the ViT layers past the one used)
+                del state["optim"]["state"][name]
+        dcp.load(state, checkpoint_id=path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=options)
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))  # keys checked above
         scheduler.load_state_dict(torch.load(ckpt / "trainer" / "scheduler.pt", weights_only=True))
     else:
         state = load_file(ckpt / "trainer" / "trainable.safetensors")
