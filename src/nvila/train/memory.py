@@ -128,9 +128,9 @@ def format_report(report: dict, limit_gib: float | None = None) -> str:
                     f"{c.grad_bytes / GIB:>9.2f} {c.optimizer_bytes / GIB:>9.2f} {c.total_bytes / GIB:>9.2f}")
     total = report["total_bytes"] / GIB
     rows.append(f"{'total':<10} {report['dtype']:<10} {'':>14} {'':>14} {'':>9} {'':>9} {'':>9} {total:>9.2f}")
-    rows.append(f"per rank: dist.strategy={report['strategy']}, dist.world_size={report['world_size']}"
-                + (" (weights, gradients and optimizer state sharded)" if report["gathered_bytes"] else ""))
     if report["gathered_bytes"]:
+        rows.append(f"per rank of dist.world_size={report['world_size']} (dist.strategy=fsdp2: weights, gradients "
+                    f"and optimizer state sharded)")
         rows.append(f"FSDP2 all-gathered units (root + 2 blocks, not in the total): "
                     f"{report['gathered_bytes'] / GIB:.2f} GiB")
     rows.append(f"activations (rough estimate, not in the total): {report['activation_bytes'] / GIB:.2f} GiB")
