@@ -156,7 +156,8 @@ def load_sharded(root: Path, config, precision: Precision, device: torch.device,
     with torch.no_grad():
         for name, t in tensors:
             local = t.to_local() if isinstance(t, DTensor) else t
-            start, stop = shard_rows(t.shape[0], info.world, info.rank) if isinstance(t, DTensor) and t.ndim else (0, None)
+            sharded = isinstance(t, DTensor) and t.ndim > 0
+            start, stop = shard_rows(t.shape[0], info.world, info.rank) if sharded else (0, None)
             if stop is not None and stop - start != local.shape[0]:
                 raise RuntimeError(f"{name}: rank {info.rank} holds {local.shape[0]} rows, expected {stop - start}")
             src = fresh[name][start:stop] if name in fresh else reader.rows(name, start, stop, t.shape)

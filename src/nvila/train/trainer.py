@@ -39,7 +39,6 @@ import random
 import resource
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
