@@ -21,8 +21,6 @@ rank 0 and one broadcast per tensor. Missing and unexpected checkpoint keys are 
 
 from __future__ import annotations
 
-import logging
-import resource
 from pathlib import Path
 
 import torch
@@ -30,8 +28,6 @@ from torch import nn
 
 from .distributed import DistInfo, Prepare
 from .parts import Precision
-
-logger = logging.getLogger(__name__)
 
 
 def fsdp_blocks(model: nn.Module) -> list[nn.Module]:
@@ -163,6 +159,4 @@ def load_sharded(root: Path, config, precision: Precision, device: torch.device,
             src = fresh[name][start:stop] if name in fresh else reader.rows(name, start, stop, t.shape)
             local.copy_(src)
     reader.check_all_used(tied)
-    logger.info("rank %d: sharded model loaded; peak host memory %.0f MiB", info.rank,
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return model

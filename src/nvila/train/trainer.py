@@ -204,6 +204,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             use_packed_attention(model.llm)
 
     model = strategy.load(root, processor.config, precision, device, prepare, info, cfg.run.seed)
+    host_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    logger.info("model loaded (dist.strategy=%s): peak host memory %.0f MiB on rank 0, %.0f MiB at most per rank",
+                cfg.dist.strategy, host_mib, D.all_max([host_mib])[0])
     torch.manual_seed(cfg.run.seed)  # the same RNG stream (dropout) after loading, whatever the strategy
     random.seed(cfg.run.seed)
     model.train()
