@@ -113,6 +113,7 @@ class Single:
     """One process: the model as loaded; gradient clipping over the trainable tensors."""
 
     checkpoint_format = "full"  # state.py: trainable tensors + optimizer in safetensors / torch files
+    needs_group = False  # join a process group even with one process
 
     def check(self, info: DistInfo) -> None:
         if info.world > 1:
@@ -179,6 +180,7 @@ class FSDP2(Single):
     """Fully sharded data parallel (``torch.distributed.fsdp.fully_shard``): see fsdp.py."""
 
     checkpoint_format = "dcp"  # state.py: torch.distributed.checkpoint, every rank writes its shards
+    needs_group = True
 
     def check(self, info: DistInfo) -> None:
         if not info.launched:

@@ -177,9 +177,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     from nvila.processor import NVILAProcessor
 
     dataset, accum, steps = check(cfg, D.world_from_env(), resume=resume)
-    strategy = D.STRATEGIES[cfg.dist.strategy]()
-    loss_fn, precision = LOSSES[cfg.optim.loss], PRECISIONS[cfg.model.dtype]
-    info = D.init(cfg.model.device, need_group=strategy.checkpoint_format == "dcp")
+    strategy = pick(D.STRATEGIES, cfg.dist.strategy, "dist.strategy")()
+    loss_fn = pick(LOSSES, cfg.optim.loss, "optim.loss")
+    precision = pick(PRECISIONS, cfg.model.dtype, "model.dtype")
+    info = D.init(cfg.model.device, need_group=strategy.needs_group)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     device, dtype = torch.device(cfg.model.device), precision.param
@@ -215,7 +216,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     # ---- optimizer, schedule, data
     groups = param_groups(model, cfg)
-    optimizer = OPTIMIZERS[cfg.optim.name](groups, cfg.optim)
+    optimizer = pick(OPTIMIZERS, cfg.optim.name, "optim.name")(groups, cfg.optim)
     warmup = math.ceil(cfg.optim.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
         lr_factor, warmup=warmup, total=steps, min_ratio=cfg.optim.min_lr_ratio))
