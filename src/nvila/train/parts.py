@@ -1,0 +1,68 @@
+"""The interchangeable parts of the trainer, each chosen from the config through a small registry.
+
+* ``LOSSES[optim.loss]``: ``(logits (B, T, V), labels (B, T)) -> per-position loss (B, T-1)``, 0
+  where a position is unlabelled; the trainer sums it and divides by the global labelled-token count.
+* ``OPTIMIZERS[optim.name]``: ``(param groups, OptimSection) -> torch.optim.Optimizer``.
+* ``PRECISIONS[model.dtype]``: the dtype parameters are stored and computed in, and the dtype
+  gradients are reduced in across ranks (float32 for the 16-bit formats).
+* The strategies (``none | ddp | fsdp2``) live in distributed.py, next to the collectives.
+
+The training loop calls these through the registries and never branches on which one it got. An
+unknown key raises ``TrainConfigError`` listing the valid ones (config.py checks the same names
+before any work starts). This module knows no data, files or processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+from .config import OptimSection, TrainConfigError
+from .data import IGNORE_INDEX
+
+T = TypeVar("T")
+
+
+def pick(registry: dict[str, T], key: str, what: str) -> T:
+    """``registry[key]``, or a ``TrainConfigError`` naming ``what`` and the valid keys."""
+    if key not in registry:
+        raise TrainConfigError(f"{what}: {key!r} is not valid; choose one of {', '.join(registry)}")
+    return registry[key]
+
+
+# ------------------------------------------------------------------------------------------ loss
+def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token CE per position, 0 where unlabelled. logits (B, T, V), labels (B, T) -> (B, T-1) float32."""
+    logits = logits[:, :-1].float()  # (B, T-1, V)
+    return F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"token_ce": token_ce}
+
+
+# ------------------------------------------------------------------------------------- optimizer
+def adamw(groups: list[dict], cfg: OptimSection) -> torch.optim.Optimizer:
+    """AdamW over the per-component groups (each group carries its own ``lr`` and ``weight_decay``)."""
+    return torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps)
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict], OptimSection], torch.optim.Optimizer]] = {"adamw": adamw}
+
+
+# ------------------------------------------------------------------------------------- precision
+@dataclass(frozen=True)
+class Precision:
+    """``param``: storage and compute dtype of the weights; ``reduce``: dtype of cross-rank gradient sums."""
+
+    param: torch.dtype
+    reduce: torch.dtype
+
+
+PRECISIONS: dict[str, Precision] = {
+    "float32": Precision(torch.float32, torch.float32),
+    "bfloat16": Precision(torch.bfloat16, torch.float32),
+    "float16": Precision(torch.float16, torch.float32),
+}
