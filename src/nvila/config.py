@@ -141,6 +141,7 @@ class NVILAConfig:
     video_encoder: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
     num_time_tokens: int = 0
     time_token_format: str = "<t{t}>"
+    soft_ce_std: float = 1.0  # sigma of the smoothed time-token loss, in token-index units (spec training.md §6)
     chat_template: str | None = None
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -282,6 +283,7 @@ class NVILAConfig:
             video_encoder=_video_encoder(top.get("video_encoder")),
             num_time_tokens=int(top.get("num_time_tokens") or 0),
             time_token_format=top.get("time_token_format") or "<t{t}>",
+            soft_ce_std=float(top.get("soft_ce_std") or 1.0),
             chat_template=top.get("chat_template"),
             image_mean=tuple(pre_raw.get("image_mean", (0.5, 0.5, 0.5))),
             image_std=tuple(pre_raw.get("image_std", (0.5, 0.5, 0.5))),

@@ -29,7 +29,7 @@ TRAINABILITY = ("frozen", "layernorm", "lora", "full")
 DTYPES = ("float32", "bfloat16", "float16")
 LLM_QUANT = ("none", "nf4")
 # The keys of the parts registries (parts.py, distributed.py); kept here so that config checks need no torch.
-LOSSES = ("token_ce",)
+LOSSES = ("token_ce", "soft_ce")
 OPTIMIZERS = ("adamw",)
 STRATEGIES = ("none", "ddp", "fsdp2")
 

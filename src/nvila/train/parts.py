@@ -1,7 +1,9 @@
 """The interchangeable parts of the trainer, each chosen from the config through a small registry.
 
-* ``LOSSES[optim.loss]``: ``(logits (B, T, V), labels (B, T)) -> per-position loss (B, T-1)``, 0
-  where a position is unlabelled; the trainer sums it and divides by the global labelled-token count.
+* ``LOSSES[optim.loss]``: a builder ``(LossContext) -> loss``, the loss being ``(logits (B, T, V),
+  labels (B, T)) -> per-position loss (B, T-1)``, 0 where a position is unlabelled; the trainer sums
+  it and divides by the global labelled-token count. Per position, so packed and padded batches
+  and any split into micro-batches give the same loss.
 * ``OPTIMIZERS[optim.name]``: ``(param groups, OptimSection) -> torch.optim.Optimizer``.
 * ``PRECISIONS[model.dtype]``: the dtype parameters are stored and computed in, and the dtype
   gradients are reduced in across ranks (float32 for the 16-bit formats).
@@ -40,7 +42,50 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
 
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"token_ce": token_ce}
+@dataclass(frozen=True)
+class LossContext:
+    """What a loss may take from the checkpoint: its time tokens' ids (contiguous; empty when it has
+    none) and ``soft_ce_std``."""
+
+    time_token_ids: tuple[int, ...] = ()
+    soft_ce_std: float = 1.0
+
+
+def soft_ce(ctx: LossContext) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The smoothed loss of time tokens (spec training.md §6, the reference's ``soft_cross_entropy``).
+
+    A target that is time token j gets the cross-entropy against a discrete Gaussian over the N time
+    tokens, q(k) ∝ exp(-(k - j)² / (2σ²)), normalised over the time tokens (no mass elsewhere), with
+    the softmax over the whole vocabulary; every other target keeps the token CE.
+    """
+    ids = ctx.time_token_ids
+    if not ids:
+        raise TrainConfigError("optim.loss soft_ce needs a checkpoint with time tokens (num_time_tokens > 0)")
+    first, n, sigma = ids[0], len(ids), float(ctx.soft_ce_std)
+    if not sigma > 0:
+        raise TrainConfigError(f"soft_ce_std must be > 0, got {sigma}")
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits[:, :-1].float()  # (B, T-1, V)
+        target = labels[:, 1:]
+        valid = target != IGNORE_INDEX
+        safe = target.clamp(min=0)
+        lse = logits.logsumexp(-1)  # (B, T-1)
+        hard = lse - logits.gather(-1, safe[..., None])[..., 0]
+        k = safe - first  # time-token index of each target (out of [0, N) for other tokens)
+        is_time = valid & (k >= 0) & (k < n)
+        bins = torch.arange(n, device=logits.device, dtype=torch.float32)
+        q = (-(bins - k[..., None].float()).square() / (2 * sigma ** 2)).softmax(-1)  # (B, T-1, N), Gaussian
+        soft = -(q * (logits[..., first:first + n] - lse[..., None])).sum(-1)
+        return torch.where(is_time, soft, hard).masked_fill(~valid, 0.0)
+
+    return loss
+
+
+LOSSES: dict[str, Callable[[LossContext], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]] = {
+    "token_ce": lambda ctx: token_ce,
+    "soft_ce": soft_ce,
+}
 
 
 # ------------------------------------------------------------------------------------- optimizer

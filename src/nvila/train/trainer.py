@@ -43,12 +43,13 @@ from pathlib import Path
 
 import torch
 
+from ..timetokens import ensure_time_tokens
 from . import distributed as D
 from . import state as S
 from .config import MODEL_PATH_HINT, TrainConfig, TrainConfigError, accumulation_steps, total_steps
 from .data import IGNORE_INDEX, MixtureDataset, SampleEncoder, SampleStream, load_mixture
 from .packing import collate, num_targets, to_device, token_sources, use_packed_attention
-from .parts import LOSSES, OPTIMIZERS, PRECISIONS, pick
+from .parts import LOSSES, OPTIMIZERS, PRECISIONS, LossContext, pick
 from .peft import apply_trainability, component_parameters
 
 logger = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     dataset, accum, steps = check(cfg, D.world_from_env(), resume=resume)
     strategy = pick(D.STRATEGIES, cfg.dist.strategy, "dist.strategy")()
-    loss_fn = pick(LOSSES, cfg.optim.loss, "optim.loss")
+    build_loss = pick(LOSSES, cfg.optim.loss, "optim.loss")
     precision = pick(PRECISIONS, cfg.model.dtype, "model.dtype")
     info = D.init(cfg.model.device, need_group=strategy.needs_group)
     if cfg.run.threads:
@@ -194,6 +195,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                                ("fps", cfg.data.fps)) if v is not None}
     root = check_layout(cfg.model.path)  # a Hub id: the snapshot ``check`` fetched, read by both loaders
     processor = NVILAProcessor.from_pretrained(root, **media)
+    pc = processor.config
+    time_ids = ensure_time_tokens(processor.tokenizer, pc.num_time_tokens, pc.time_token_format)  # the ids it holds
+    loss_fn = build_loss(LossContext(tuple(time_ids), pc.soft_ce_std))
 
     def prepare(model) -> None:  # on the loaded model, or on the meta model before sharding
         apply_trainability(model, cfg.model)
@@ -292,6 +296,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     if stream.skipped:
         logger.warning("rank %d skipped %d bad samples: %s", info.rank, sum(stream.skipped.values()),
                        dict(stream.skipped))
+    if stream.fixed:
+        logger.warning("rank %d corrected samples while encoding them: %s", info.rank, dict(stream.fixed))
     D.shutdown()
     if last is None:  # resumed a run that had already finished
         last = S.list_checkpoints(out_dir)[-1]
