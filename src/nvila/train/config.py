@@ -63,6 +63,10 @@ class ModelSection:
     quantize_llm: str = "none"  # "nf4": frozen LLM base weights stored in 4-bit NF4 (QLoRA)
     nf4_block_size: int = 64
     gradient_checkpointing: bool = False
+    # Time tokens (temporal localization): N > 0 gives a checkpoint that lacks them N time tokens
+    # (embeddings resized with mean rows; saved in the config); None keeps the checkpoint's own.
+    num_time_tokens: int | None = None
+    soft_ce_std: float | None = None  # sigma of optim.loss soft_ce; None: the checkpoint's (default 1.0)
 
 
 @dataclass
@@ -308,6 +312,11 @@ def validate(cfg: TrainConfig) -> None:
                                "model.projector / model.llm to layernorm, lora or full)")
     if m.lora.r < 1 or m.lora.alpha <= 0 or not 0 <= m.lora.dropout < 1:
         raise TrainConfigError("model.lora needs r >= 1, alpha > 0 and 0 <= dropout < 1")
+    if m.num_time_tokens is not None and m.num_time_tokens < 2:
+        raise TrainConfigError(f"model.num_time_tokens must be >= 2 (the first and the last instant), got "
+                               f"{m.num_time_tokens}")
+    if m.soft_ce_std is not None and not m.soft_ce_std > 0:
+        raise TrainConfigError(f"model.soft_ce_std must be > 0, got {m.soft_ce_std}")
     if m.nf4_block_size < 2 or m.nf4_block_size % 2:
         raise TrainConfigError(f"model.nf4_block_size must be an even number >= 2, got {m.nf4_block_size}")
     for c in COMPONENTS:

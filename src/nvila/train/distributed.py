@@ -133,8 +133,7 @@ class Single:
 
         from .peft import fresh_lora_state
 
-        model = NVILAForConditionalGeneration.from_pretrained(root, dtype=precision.param, device=device)
-        model.config = config
+        model = NVILAForConditionalGeneration.from_pretrained(root, dtype=precision.param, device=device, config=config)
         prepare(model)
         with torch.no_grad():
             params = dict(model.named_parameters())

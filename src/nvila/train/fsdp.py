@@ -121,12 +121,14 @@ def load_sharded(root: Path, config, precision: Precision, device: torch.device,
     from nvila.llm import reset_llm_buffers
     from nvila.model import NVILAForConditionalGeneration
     from nvila.quant.format import read_quant_metadata
+    from nvila.timetokens import ensure_time_tokens
 
     from .peft import fresh_lora_state
 
     if read_quant_metadata(root):
         raise CheckpointError(f"{root}: a quantized checkpoint cannot be trained with dist.strategy=fsdp2")
     tok = load_tokenizer(root / "llm")
+    ensure_time_tokens(tok, config.num_time_tokens, config.time_token_format)
     ids = token_ids(tok, resolve_chat_template(config, tok))
     model = NVILAForConditionalGeneration.on_meta(config, ids)
     prepare(model)

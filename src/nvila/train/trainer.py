@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from ..timetokens import ensure_time_tokens
+from ..timetokens import TimeTokenError, ensure_time_tokens
 from . import distributed as D
 from . import state as S
 from .config import MODEL_PATH_HINT, TrainConfig, TrainConfigError, accumulation_steps, total_steps
@@ -166,6 +166,32 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
 
+def with_time_tokens(processor, model_cfg):
+    """The processor with the recipe's ``model.num_time_tokens`` / ``soft_ce_std`` applied to its
+    config and tokenizer; the model is then built from that config (``strategy.load``) and the
+    export saves it.
+
+    Raises:
+        TimeTokenError: the checkpoint already has a different number of time tokens.
+    """
+    from dataclasses import replace
+
+    from nvila.processor import NVILAProcessor
+
+    pc = processor.config
+    n, std = model_cfg.num_time_tokens, model_cfg.soft_ce_std
+    if n is None and std is None:
+        return processor
+    if n is not None and pc.num_time_tokens not in (0, n):
+        raise TimeTokenError(f"model.num_time_tokens is {n} but the checkpoint has {pc.num_time_tokens} time tokens")
+    pc = replace(pc, num_time_tokens=pc.num_time_tokens if n is None else n,
+                 soft_ce_std=pc.soft_ce_std if std is None else std)
+    ids = ensure_time_tokens(processor.tokenizer, pc.num_time_tokens, pc.time_token_format)
+    pc = replace(pc, time_token_ids=tuple(ids))
+    return NVILAProcessor(processor.tokenizer, pc, chat_template=processor.chat_template,
+                          max_pixels=processor.max_pixels)
+
+
 def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     """Run (or resume) training as configured; returns the last checkpoint directory.
 
@@ -195,6 +221,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                                ("fps", cfg.data.fps)) if v is not None}
     root = check_layout(cfg.model.path)  # a Hub id: the snapshot ``check`` fetched, read by both loaders
     processor = NVILAProcessor.from_pretrained(root, **media)
+    processor = with_time_tokens(processor, cfg.model)
     pc = processor.config
     time_ids = ensure_time_tokens(processor.tokenizer, pc.num_time_tokens, pc.time_token_format)  # the ids it holds
     loss_fn = build_loss(LossContext(tuple(time_ids), pc.soft_ce_std))
