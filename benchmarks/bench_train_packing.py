@@ -30,7 +30,7 @@ from nvila.processor import NVILAProcessor
 from nvila.tiny import build_tokenizer, tiny_config
 from nvila.train.data import MixtureDataset, SampleEncoder, load_mixture
 from nvila.train.packing import collate, use_packed_attention
-from nvila.train.trainer import _token_ce
+from nvila.train.parts import token_ce as _token_ce
 
 
 def make_data(root: Path, n: int, seed: int) -> Path:

@@ -151,7 +151,7 @@ class Bench:
         return layers, self.w4_bytes
 
     def relerr(self, calls) -> float:
-        torch, F = self.torch, self.F
+        F = self.F
         num = den = 0.0
         for call, m, (_, _, k, _) in zip(calls, self.mods[0], SHAPES):
             x = self.x[k]

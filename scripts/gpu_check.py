@@ -198,7 +198,7 @@ def check_speed(t: Table, device: torch.device, quick: bool) -> None:
         label = str(dtype).removeprefix("torch.")
         t.add("speed", f"TTFT 896x896, NVILA-Lite-2B ({label}) / Qwen2-VL-2B", f"{ttft[0]:.3f} s / {ttft[1]:.3f} s")
         t.add("speed", "TTFT ratio (Qwen2-VL / ours)", f"{ttft[1] / ttft[0]:.2f}x")
-        t.add("speed", f"decode tok/s batch 1, NVILA-Lite-2B / Qwen2-VL-2B", f"{rate[0]:.1f} / {rate[1]:.1f}")
+        t.add("speed", "decode tok/s batch 1, NVILA-Lite-2B / Qwen2-VL-2B", f"{rate[0]:.1f} / {rate[1]:.1f}")
     finally:
         engine.shutdown()
 

@@ -316,6 +316,13 @@ def token_ids(tok, chat_template: str) -> TokenIds:
 
 
 # ---------------------------------------------------------------------------------------- saving
+def write_json(path: Path, obj: dict) -> None:
+    """``obj`` as indented JSON with sorted keys and a final newline."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *,
                     metadata: dict[str, str] | None = None,
                     component_metadata: dict[str, dict[str, str]] | None = None) -> Path:
@@ -334,25 +341,47 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *,
     Returns:
         The checkpoint path.
     """
+    states = ((name, getattr(model, name).state_dict()) for name in COMPONENTS)
+    return save_published(model.config, tokenizer, out_dir, states, metadata=metadata,
+                          component_metadata=component_metadata)
+
+
+def save_published(config, tokenizer, out_dir: str | os.PathLike, states, *,
+                   metadata: dict[str, str] | None = None,
+                   component_metadata: dict[str, dict[str, str]] | None = None) -> Path:
+    """``save_pretrained`` from component state dicts produced one at a time (a streamed export).
+
+    Args:
+        config: the ``NVILAConfig`` that provides every JSON file.
+        states: an iterable of (component name, {module key: tensor}) covering ``COMPONENTS``; it is
+            consumed lazily, so at most one component's tensors need to exist at once.
+        Other arguments as in ``save_pretrained``.
+    """
     import shutil
     import tempfile
 
     from safetensors.torch import save_file
 
-    from .layouts import LAYOUTS  # layouts.py imports this module
-
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        LAYOUTS["vila"].write_configs(model.config, model.ids, tmp)
-        tied = model.config.llm.tie_word_embeddings
-        for name in COMPONENTS:
+        files = config.to_published()
+        write_json(tmp / "config.json", files["config.json"])
+        tied = config.llm.tie_word_embeddings
+        written = []
+        for name, component in states:
+            (tmp / name).mkdir()
+            write_json(tmp / name / "config.json", files[name])
             state = {map_key(name, k, to_published=True): v.detach().to("cpu").contiguous()
-                     for k, v in getattr(model, name).state_dict().items()
-                     if not (name == "llm" and tied and k == "lm_head.weight")}
+                     for k, v in component.items() if not (name == "llm" and tied and k == "lm_head.weight")}
+            del component
             meta = {"format": "pt", **(metadata or {}), **(component_metadata or {}).get(name, {})}
             save_file(state, tmp / name / "model.safetensors", metadata=meta)
+            written.append(name)
+        if sorted(written) != sorted(COMPONENTS):
+            raise CheckpointError(f"save_published got components {written}, expected {list(COMPONENTS)}")
+        write_json(tmp / "vision_tower" / "preprocessor_config.json", files["preprocessor"])
         tokenizer.save_pretrained(os.fspath(tmp / "llm"))
         if out.exists():
             shutil.rmtree(out)

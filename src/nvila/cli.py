@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, tiling
+from . import __version__, tiling, timetokens
 from .argtypes import float_in, int_at_least
 from .bundled import default_model_path
 from .checkpoint import (CheckpointError, check_layout, resolve_chat_template, resolve_checkpoint,
@@ -125,6 +125,9 @@ def _infer_arguments(p: argparse.ArgumentParser) -> None:
                         help="sample video files at F frames per second instead, at most the config's frame count")
     pre.add_argument("--max-pixels", type=int_at_least(1), default=DEFAULT_MAX_PIXELS, metavar="N",
                      help="reject images and video frames with more than N pixels (default: %(default)s)")
+    pre.add_argument("--video-fps", type=float_in(0, low_open=True), metavar="F",
+                     help="the frame rate of a frame-directory video, which has none of its own: with it, a "
+                          "time-token checkpoint's answer gives seconds (video files carry their own)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int_at_least(1), default=256, metavar="N",
                      help="most tokens to generate (default: %(default)s)")
@@ -235,7 +238,7 @@ def run_infer(args: argparse.Namespace) -> int:
     processor = NVILAProcessor.from_pretrained(root, max_tiles=args.max_tiles, num_video_frames=args.num_frames,
                                                fps=args.fps, max_pixels=args.max_pixels)
     t1 = time.perf_counter()
-    inputs, infos = processor.prepare([messages], add_generation_prompt=True)
+    inputs, infos = processor.prepare([messages], add_generation_prompt=True, video_fps=args.video_fps)
     constraint = None
     if response_format is not None:  # compiled before the weights load, so a bad schema fails fast
         ids = processor.ids  # the same ids (and logits width) the model is built with
@@ -288,7 +291,8 @@ def generate_report(model: NVILAForConditionalGeneration, processor: NVILAProces
         **generate_kwargs: ``model.generate`` options (``max_new_tokens``, ``do_sample``, ...).
     Returns:
         ``{"answer", "finish_reason", "prompt_tokens", "new_tokens", "media": [one row per part],
-        "timings": {"time_to_first_token_s", "decode_tokens_per_s", "generate_s"}}``.
+        "timings": {"time_to_first_token_s", "decode_tokens_per_s", "generate_s"}}``, and for a
+        time-token checkpoint asked about one video, ``"segments"``: the answer's [start, end] pairs.
     """
     sync = torch.cuda.synchronize if model.device.type == "cuda" else None
     clock = _Clock(sync)
@@ -300,8 +304,10 @@ def generate_report(model: NVILAForConditionalGeneration, processor: NVILAProces
     limit = generate_kwargs.get("max_new_tokens")  # below it, a processor (JSON complete) or a stop ended the answer
     ttft = clock.times[0] - clock.start if clock.times else None
     decode_s = clock.times[-1] - clock.times[0] if len(clock.times) > 1 else None
+    answer, segments = _answer(processor, new, infos)
     return {
-        "answer": processor.decode(new),
+        "answer": answer,
+        **({"segments": segments} if segments is not None else {}),
         "finish_reason": "stop" if (new and new[-1] in model.ids.stop) or (limit and len(new) < limit) else "length",
         "prompt_tokens": prompt_len,
         "new_tokens": len(new),
@@ -312,6 +318,28 @@ def generate_report(model: NVILAForConditionalGeneration, processor: NVILAProces
             "generate_s": t1 - t0,
         },
     }
+
+
+def _answer(processor: NVILAProcessor, new: list[int], infos: list[MediumInfo]) -> tuple[str, list | None]:
+    """The answer's text and, for a time-token checkpoint asked about exactly one video, its segments
+    in seconds (time tokens decoded against the video's duration; as fractions of the clip, with a
+    warning, when the duration is unknown). Elsewhere time tokens stay as they are."""
+    cfg = processor.config
+    if not cfg.num_time_tokens:
+        return processor.decode(new), None
+    if len(infos) != 1 or infos[0].kind != "video":
+        text = processor.decode(new)
+        if timetokens.time_token_regex(cfg.time_token_format).search(text):
+            logger.warning("the answer holds time tokens, left as they are: they are positions in a video, and "
+                           "the prompt has %s", "no video" if not infos else "more than one medium")
+        return text, None
+    duration = infos[0].duration_s
+    if duration is None:
+        logger.warning("%s: its frame rate is unknown (give --video-fps), so times are fractions of the clip",
+                       infos[0].source)
+        duration = 1.0
+    text = processor.decode(new, decode_time_tokens=duration)
+    return text, timetokens.segments(text)
 
 
 def _table(headers: list[str], rows: list[list[Any]], right: set[int]) -> list[str]:

@@ -157,6 +157,8 @@ class NVILAConfig:
     video_encoder: VideoEncoderConfig = field(default_factory=VideoEncoderConfig)
     num_time_tokens: int = 0
     time_token_format: str = "<t{t}>"
+    soft_ce_std: float = 1.0  # sigma of the smoothed time-token loss, in token-index units (spec training.md §6)
+    time_token_ids: tuple[int, ...] = ()  # their ids, as the reference saves them (informational)
     chat_template: str | None = None
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -221,6 +223,8 @@ class NVILAConfig:
             "mm_hidden_size": self.mm_hidden_size, "hidden_size": self.llm.hidden_size,
             "mm_vision_select_layer": self.vision.select_layer, "mm_vision_select_feature": self.vision.select_feature,
             "num_time_tokens": self.num_time_tokens, "time_token_format": self.time_token_format,
+            **({"time_token_ids": list(self.time_token_ids), "soft_ce_std": self.soft_ce_std}
+               if self.num_time_tokens else {}),
             "image_encoder": json.dumps({"_target_": "llava.model.encoders.BasicImageEncoder",
                                          **asdict(self.image_encoder)}),
             "video_encoder": json.dumps({"_target_": "llava.model.encoders." + next(
@@ -378,6 +382,8 @@ class NVILAConfig:
             video_encoder=_video_encoder(top.get("video_encoder")),
             num_time_tokens=int(top.get("num_time_tokens") or 0),
             time_token_format=top.get("time_token_format") or "<t{t}>",
+            soft_ce_std=float(top.get("soft_ce_std") or 1.0),
+            time_token_ids=tuple(top.get("time_token_ids") or ()),
             chat_template=top.get("chat_template"),
             image_mean=tuple(pre_raw.get("image_mean", (0.5, 0.5, 0.5))),
             image_std=tuple(pre_raw.get("image_std", (0.5, 0.5, 0.5))),

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, check_layout, resolve_chat_template, token_ids
 from .layouts import LAYOUTS, detect, iter_shards, shard_metadata, write_index, write_json
 from .quant.format import read_quant_metadata
+from .timetokens import ensure_time_tokens
 
 HELP = "convert a checkpoint between the vila and hf layouts (bit-identical tensors)"
 GENERATION_CONFIG = "generation_config.json"
@@ -81,6 +82,7 @@ def convert_checkpoint(src: str | os.PathLike, out_dir: str | os.PathLike, to: s
                               f"metadata, so convert the full-precision checkpoint")
     config = source.read_config(root)
     tok = source.load_tokenizer(root)
+    ensure_time_tokens(tok, config.num_time_tokens, config.time_token_format)  # as the loaders do
     template = resolve_chat_template(config, tok)
     ids = token_ids(tok, template)
 

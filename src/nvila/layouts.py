@@ -25,7 +25,6 @@ never from path names. This module knows files, keys and configs; it does not bu
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -33,7 +32,8 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from .checkpoint import COMPONENTS, MEDIA_TOKENS, CheckpointError, load_tokenizer, map_key, safetensors_files
+from .checkpoint import (COMPONENTS, MEDIA_TOKENS, CheckpointError, load_tokenizer, map_key, safetensors_files,
+                         write_json)
 from .config import HF_MODEL_TYPES, ConfigError, NVILAConfig, _read_json
 from .projector import downsample_factor
 
@@ -269,12 +269,6 @@ def _keys(file: Path) -> list[str]:
             return list(f.keys())
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from None
-
-
-def write_json(path: Path, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:

@@ -212,6 +212,12 @@ class Video:
     source_fps: float | None  # None for frame directories and lists of images
     source: str
 
+    def duration(self, declared_fps: float | None = None) -> float | None:
+        """Seconds the source spans: its frames over its frame rate (the container's, else
+        ``declared_fps`` for frame directories); None when neither is known."""
+        fps = self.source_fps or declared_fps
+        return self.num_source_frames / fps if fps else None
+
 
 def _video_from_images(items: Sequence[Any], source: str, num_frames: int, fps: float,
                        max_pixels: int) -> Video:

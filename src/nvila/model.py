@@ -24,6 +24,7 @@ from .llm import build_llm, reset_llm_buffers
 from .projector import build_projector
 from .quant.format import apply_quant_metadata, read_quant_metadata
 from .temporal import encode_video_features
+from .timetokens import ensure_time_tokens
 from .tiling import dynamic_s2_num_tiles
 from .vision import VisionTower, s2_blocks, s2_output_grid, s2_unblock
 
@@ -52,7 +53,8 @@ class NVILAForConditionalGeneration(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, torch_dtype: torch.dtype | None = None,
                         dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                        local_files_only: bool = False) -> "NVILAForConditionalGeneration":
+                        local_files_only: bool = False, config: NVILAConfig | None = None
+                        ) -> "NVILAForConditionalGeneration":
         """Load a checkpoint in either layout of ``nvila.layouts`` (vila or hf): a directory, or a Hub id ``ORG/NAME[@REVISION]``
         fetched into the Hugging Face cache (``checkpoint.resolve_checkpoint``; ``local_files_only``
         or ``HF_HUB_OFFLINE=1``: the cache only).
@@ -61,16 +63,21 @@ class NVILAForConditionalGeneration(nn.Module):
         float32) and filled from safetensors through the per-component key maps. A quantized
         checkpoint declares its quantized modules in its safetensors metadata (``nvila.quant.format``);
         those linears are swapped for the runtime modules before the weights are loaded.
+
+        ``config`` replaces the stored config (e.g. the trainer's, with preprocessing overrides or
+        time tokens added: the vocabulary then grows, with mean-initialised rows).
         """
         root = check_layout(path, local_files_only=local_files_only)
         dtype = dtype or torch_dtype or torch.float32
         device = torch.device(device or "cpu")
-        try:
-            config = NVILAConfig.from_pretrained(root)
-        except ConfigError as e:
-            raise CheckpointError(str(e)) from None
+        if config is None:
+            try:
+                config = NVILAConfig.from_pretrained(root)
+            except ConfigError as e:
+                raise CheckpointError(str(e)) from None
         layout = detect(root)
         tok = layout.load_tokenizer(root)
+        ensure_time_tokens(tok, config.num_time_tokens, config.time_token_format)
         ids = token_ids(tok, resolve_chat_template(config, tok))
         model = cls.on_meta(config, ids)
         quantized = read_quant_metadata(root)  # {component: {module: scheme spec}}, {} if full precision

@@ -32,6 +32,7 @@ from .config import NVILAConfig, TokenIds
 from .layouts import detect
 from .projector import tokens_per_tile
 from .temporal import video_layout
+from .timetokens import decode_time_tokens, ensure_time_tokens
 from .vision import s2_output_grid
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class MediumInfo:
     num_tiles: int  # tiles (images) or frames (videos)
     block_size: tuple[int, int] | None = None
     frame_indices: list[int] = field(default_factory=list)
+    duration_s: float | None = None  # videos: the source's seconds, when its frame rate is known
 
 
 @dataclass
@@ -131,7 +133,9 @@ class NVILAProcessor:
         config = NVILAConfig.from_pretrained(root)
         if overrides:
             config = config.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
-        return cls(detect(root).load_tokenizer(root), config, max_pixels=max_pixels)
+        tok = detect(root).load_tokenizer(root)
+        ensure_time_tokens(tok, config.num_time_tokens, config.time_token_format)
+        return cls(tok, config, max_pixels=max_pixels)
 
     # ---------------------------------------------------------------------------------- public API
     def apply_chat_template(self, conversation, *, add_generation_prompt: bool = False, tokenize: bool = False,
@@ -192,11 +196,33 @@ class NVILAProcessor:
             out["video_num_frames"] = [it.pixels.shape[0] for it in videos]
         return out, [[it.info for it in conv_items] for conv_items in items]
 
-    def decode(self, ids, skip_special_tokens: bool = True, **kw: Any) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kw).strip()
+    def decode(self, ids, skip_special_tokens: bool = True, *, decode_time_tokens: float | None = None,
+               **kw: Any) -> str:
+        """Text of ``ids``. ``decode_time_tokens``: the duration in seconds of the prompt's one video;
+        with it, a checkpoint's time tokens become ``<seconds>`` (``timetokens.decode_time_tokens``)."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, **kw).strip()
+        return self._time_tokens_to_seconds(text, decode_time_tokens)
 
-    def batch_decode(self, ids, skip_special_tokens: bool = True, **kw: Any) -> list[str]:
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens, **kw)]
+    def batch_decode(self, ids, skip_special_tokens: bool = True, *,
+                     decode_time_tokens: list[float | None] | None = None, **kw: Any) -> list[str]:
+        """``decode`` per row; ``decode_time_tokens`` gives one video duration (or None) per row."""
+        texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=skip_special_tokens, **kw)]
+        if decode_time_tokens is None:
+            return texts
+        if len(decode_time_tokens) != len(texts):
+            raise ValueError(f"decode_time_tokens needs one duration per row: got {len(decode_time_tokens)} for "
+                             f"{len(texts)} rows")
+        return [self._time_tokens_to_seconds(t, d) for t, d in zip(texts, decode_time_tokens)]
+
+    def video_duration(self, infos: list[MediumInfo]) -> float | None:
+        """The duration of a conversation's media when they are exactly one video of known duration
+        (what time tokens are decoded against), else None."""
+        return infos[0].duration_s if len(infos) == 1 and infos[0].kind == "video" else None
+
+    def _time_tokens_to_seconds(self, text: str, duration: float | None) -> str:
+        if duration is None or not self.config.num_time_tokens:
+            return text
+        return decode_time_tokens(text, duration, self.config.num_time_tokens, self.config.time_token_format)
 
     def num_image_tokens(self, width: int, height: int, *, single: bool = True, max_tiles: int | None = None) -> list[int]:
         return num_image_tokens(self.config, width, height, single=single, max_tiles=max_tiles)
@@ -206,17 +232,18 @@ class NVILAProcessor:
 
     # ------------------------------------------------------------------------------------ internals
     def _cfg(self, options: dict) -> NVILAConfig:
-        unknown = set(options) - {"max_tiles", "num_video_frames", "fps"}
+        unknown = set(options) - {"max_tiles", "num_video_frames", "fps", "video_fps"}
         if unknown:
-            raise TypeError(f"unknown processor options {sorted(unknown)}; valid: fps, max_tiles, num_video_frames")
-        changes = {k: v for k, v in options.items() if v is not None}
+            raise TypeError(f"unknown processor options {sorted(unknown)}; valid: fps, max_tiles, num_video_frames, "
+                            "video_fps")
+        changes = {k: v for k, v in options.items() if v is not None and k != "video_fps"}
         return self.config.with_overrides(**changes) if changes else self.config
 
     def _render(self, conversation, add_generation_prompt: bool, options: dict):
         """Messages -> prompt text (placeholders included) and the media items in order."""
         cfg = self._cfg(options)
         messages = _normalise(conversation)
-        n_images = sum(1 for m in messages for p in m["parts"] if p[0] == "image")
+        n_images = sum(1 for m in messages for p in m["parts"] or () if p[0] == "image")
         items: list[_Item] = []
         rendered = []
         for m in messages:
@@ -224,12 +251,14 @@ class NVILAProcessor:
                 rendered.append({"role": m["role"], "content": None})
                 continue
             text = ""
-            for kind, value in m["parts"]:
+            for kind, value, declared_fps in m["parts"]:
                 if kind == "text":
                     text += value
                     continue
                 text += MEDIA_TOKENS[kind]
-                new = self._image_items(value, cfg, single=n_images == 1) if kind == "image" else [self._video_item(value, cfg)]
+                declared_fps = declared_fps or options.get("video_fps")
+                new = (self._image_items(value, cfg, single=n_images == 1) if kind == "image"
+                       else [self._video_item(value, cfg, declared_fps)])
                 if kind == "image" and n_images == 1 and cfg.image_aspect_ratio == "dynamic":
                     # NVILA-Lite: each tile is its own medium, each placeholder followed by "\n".
                     text = text[: -len(MEDIA_TOKENS["image"])] + (MEDIA_TOKENS["image"] + "\n") * len(new)
@@ -275,7 +304,7 @@ class NVILAProcessor:
             out.append(_Item("image", tiling.to_pixels([t], tile, cfg.image_mean, cfg.image_std), None, ids, info))
         return out
 
-    def _video_item(self, source: Any, cfg: NVILAConfig) -> _Item:
+    def _video_item(self, source: Any, cfg: NVILAConfig, declared_fps: float | None = None) -> _Item:
         video = media_io.load_video(source, num_frames=cfg.num_video_frames, fps=cfg.fps, max_pixels=self.max_pixels)
         tile = cfg.vision.image_size
         frames = [_tiles(f, cfg, single=False)[0][0] for f in video.frames]
@@ -287,7 +316,8 @@ class NVILAProcessor:
                 ids += self._video_start + [self.ids.video] * n_tokens + self._video_end
             ids += self._video_sep
         n_visual = sum(t * n for t, n in layout)
-        info = MediumInfo("video", _describe(source), len(ids), n_visual, len(frames), frame_indices=list(video.indices))
+        info = MediumInfo("video", _describe(source), len(ids), n_visual, len(frames), frame_indices=list(video.indices),
+                          duration_s=video.duration(declared_fps))
         return _Item("video", tiling.to_pixels(frames, tile, cfg.image_mean, cfg.image_std), None, ids, info)
 
 
@@ -331,7 +361,8 @@ def _normalise(conversation) -> list[dict]:
     return out
 
 
-def _part(part: Any, i: int) -> tuple[str, Any]:
+def _part(part: Any, i: int) -> tuple[str, Any, float | None]:
+    """A content part -> (kind, value, declared frame rate of a frame-directory video or None)."""
     if isinstance(part, str):
         part = {"type": "text", "text": part}
     if not isinstance(part, dict) or "type" not in part:
@@ -343,16 +374,19 @@ def _part(part: Any, i: int) -> tuple[str, Any]:
             if token in text:
                 logger.warning("removing a literal %s from the text: media go in their own content parts", token)
                 text = text.replace(token, "").strip()
-        return "text", text
+        return "text", text, None
+    fps = part.get("fps") if kind in ("video", "video_url") else None
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0):
+        raise ValueError(f"message {i}: a video part's fps (the frame rate of its frames) must be > 0, got {fps!r}")
     if kind in ("image", "video"):
         for key in (kind, "url", "path"):
             if part.get(key) is not None:
-                return kind, part[key]
+                return kind, part[key], fps
         raise ValueError(f"message {i}: {kind} part has no '{kind}' value")
     if kind in ("image_url", "video_url"):
         value = part.get(kind)
         url = value.get("url") if isinstance(value, dict) else value
         if not url:
             raise ValueError(f"message {i}: {kind} part has no url")
-        return kind.split("_")[0], url
+        return kind.split("_")[0], url, fps
     raise ValueError(f"message {i}: unknown content part type {kind!r}; valid: text, image, video, image_url, video_url")

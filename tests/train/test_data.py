@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from nvila.processor import NVILAProcessor
+from nvila.timetokens import ensure_time_tokens
 from nvila.train.config import TrainConfigError
-from nvila.train.data import (IGNORE_INDEX, MixtureDataset, SampleEncoder, SampleStream, assistant_labels,
-                              load_mixture)
+from nvila.train.data import (IGNORE_INDEX, BadSample, MixtureDataset, SampleEncoder, SampleStream,
+                              assistant_labels, load_mixture)
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 from trainkit import image_mixture, make_image_data, tiny_ckpts, video_mixture  # noqa: F401 (fixtures)
 
@@ -81,3 +86,43 @@ def test_stream_splits_a_global_batch_identically(processor, image_mixture):
                                                                                   seed=3).take(2)
     key = lambda s: tuple(s.input_ids.tolist())  # noqa: E731
     assert sorted(map(key, one)) == sorted(map(key, two))
+
+
+# ---------------------------------------------------------------------------------- time tokens
+@pytest.fixture(scope="module")
+def timed_processor(tiny_ckpts):
+    """The tiny video checkpoint's processor with 8 time tokens (added at load)."""
+    processor = NVILAProcessor.from_pretrained(tiny_ckpts["nvila-video"])
+    cfg = replace(processor.config, num_time_tokens=8)
+    ensure_time_tokens(processor.tokenizer, 8)
+    return NVILAProcessor(processor.tokenizer, cfg)
+
+
+def _timed_record(answer, **extra):
+    return {"video": "example.mp4", "conversations": [{"from": "human", "value": "<video>\nWhen does it flash?"},
+                                                      {"from": "gpt", "value": answer}], **extra}
+
+
+def test_timestamps_become_time_tokens_with_the_clamp_counted(timed_processor):
+    enc = SampleEncoder(timed_processor, 8192)
+    tok = timed_processor.tokenizer
+    s = enc(_timed_record("From <1.4> to <7> then <99>.", duration=7.0), ASSETS)
+    supervised = tok.decode(s.labels[s.labels != IGNORE_INDEX].tolist())
+    assert supervised == "From <t1> to <t7> then <t7>.<|im_end|>"  # round(1.4 / 7 * 7) = 1; 99 s clamps to 7
+    assert s.fixes == {"clamped timestamp": 1}
+    first = tok.convert_tokens_to_ids("<t0>")
+    assert set(s.labels[(s.labels >= first) & (s.labels < first + 8)].tolist()) == {first + 1, first + 7}
+    # without a declared duration, the file's own: frames / rate
+    own = enc(_timed_record("At <0> and <100>."), ASSETS)
+    assert tok.decode(own.labels[own.labels != IGNORE_INDEX].tolist()) == "At <t0> and <t7>.<|im_end|>"
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"conversations": [{"from": "human", "value": "When?"}, {"from": "gpt", "value": "<1> <2>"}]},
+     "timestamps without one video"),
+    (_timed_record("<1> <2>", duration=0), "bad video duration"),
+])
+def test_records_with_unusable_timestamps_are_skipped_with_a_reason(timed_processor, record, reason):
+    with pytest.raises(BadSample) as e:
+        SampleEncoder(timed_processor, 8192)(record, ASSETS)
+    assert e.value.reason == reason

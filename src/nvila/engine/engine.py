@@ -30,7 +30,6 @@ processors and the sampling settings) on their events.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import queue
 import threading
@@ -46,10 +45,11 @@ import torch
 
 from ..processor import MediumInfo, NVILAProcessor
 from ..sampling import SamplingParams, sample
+from ..timetokens import TimeTokenStream
 from .api import MAX_TOP_LOGPROBS, ConstraintError, GenerationRequest, RequestMetrics, TokenEvent, TokenLogprob
 from .constraints import JsonConstraints, json_schema_of
 from .logprobs import TokenSpeller, token_logprob
-from .prefix import PrefixCache, prompt_key
+from .prefix import PrefixCache, media_digests, media_last_positions, prompt_key
 from ..llm import Runner
 
 logger = logging.getLogger(__name__)
@@ -147,10 +147,12 @@ class RequestHandle:
 
 
 class _Detokenizer:
-    """Incremental text for a stream of ids, holding back incomplete characters and stop-string prefixes."""
+    """Incremental text for a stream of ids, holding back incomplete characters and stop-string prefixes.
+    With ``timer`` (a ``TimeTokenStream``), time tokens in the text become seconds as they stream."""
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer, stop: list[str], timer: TimeTokenStream | None = None):
         self.tokenizer = tokenizer
+        self.timer = timer
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
@@ -164,17 +166,22 @@ class _Detokenizer:
             j = text.find(s, max(self.sent - len(s), 0))
             if j != -1:
                 out, self.sent = text[self.sent:j], j
-                return out, True
+                return self._time(out, last=True), True
         if text.endswith("\ufffd"):
             return "", False
         end = max(len(text) - self.hold, self.sent)
         out, self.sent = text[self.sent:end], end
-        return out, False
+        return self._time(out), False
 
     def flush(self) -> str:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         out, self.sent = text[self.sent:], len(text)
-        return out
+        return self._time(out, last=True)
+
+    def _time(self, text: str, last: bool = False) -> str:
+        if self.timer is None:
+            return text
+        return self.timer.push(text) + (self.timer.flush() if last else "")
 
 
 class _Running:
@@ -270,20 +277,32 @@ class Engine:
             raise ValueError(f"the prompt has {n} tokens; the context holds {self.context_length}")
         metrics = RequestMetrics(prompt_tokens=n, visual_tokens=[i.num_visual_tokens for i in infos[0]])
         handle = RequestHandle(f"req-{uuid.uuid4().hex[:16]}", infos[0], metrics)
-        digests = _media_digests(inputs, infos[0])
+        digests = media_digests(inputs, infos[0])
         key = None
         if self.config.prefix_cache_mib:
             token = {"image": self.model.ids.image, "video": self.model.ids.video}
             key = prompt_key(inputs["input_ids"][0], [(token[i.kind], d, i.num_visual_tokens)
                                                       for i, d in zip(infos[0], digests)])
-        running = _Running(handle, request, inputs, _Detokenizer(self.processor.tokenizer, request.stop), submitted,
-                           processors, digests, key)
+        detok = _Detokenizer(self.processor.tokenizer, request.stop, self._time_tokens(infos[0]))
+        running = _Running(handle, request, inputs, detok, submitted, processors, digests, key)
         with self._wake:
             if self._shutdown:  # checked again under the lock: the scheduler drains the queue once
                 raise EngineClosed("the engine is shut down")
             self._waiting.append(running)
             self._wake.notify()
         return handle
+
+    def _time_tokens(self, media: list[MediumInfo]) -> TimeTokenStream | None:
+        """For a time-token checkpoint asked about exactly one video, the rewriter of its time tokens
+        into seconds (fractions of the clip, with a warning, when the video's duration is unknown)."""
+        cfg = self.model.config
+        if not cfg.num_time_tokens or len(media) != 1 or media[0].kind != "video":
+            return None
+        duration = media[0].duration_s
+        if duration is None:
+            logger.warning("%s: its frame rate is unknown (declare the part's fps), so times are fractions of "
+                           "the clip", media[0].source)
+        return TimeTokenStream(duration or 1.0, cfg.num_time_tokens, cfg.time_token_format)
 
     def _json_constraint(self, response_format: dict | None):
         """A new JSON constraint for ``response_format``, or None for free text.
@@ -395,7 +414,7 @@ class Engine:
         feats: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
         rows = {"image": 0, "video": 0}
         blocks = iter(inputs.get("image_block_sizes") or [])
-        last = _media_last_positions(r.inputs["input_ids"][0], r.handle.media,
+        last = media_last_positions(r.inputs["input_ids"][0], r.handle.media,
                                      {"image": self.model.ids.image, "video": self.model.ids.video})
         for info, digest, end in zip(r.handle.media, r.digests, last):
             key = "pixel_values" if info.kind == "image" else "pixel_values_videos"
@@ -562,32 +581,6 @@ class Engine:
     @staticmethod
     def _emit(r: _Running, ev: TokenEvent) -> None:
         r.handle._put(ev)
-
-
-def _media_digests(inputs, media: list[MediumInfo]) -> list[str]:
-    """Per medium, a hash of its pixels and tiling (the key of its features)."""
-    rows = {"image": 0, "video": 0}
-    blocks = iter(inputs.get("image_block_sizes") or [])
-    out = []
-    for info in media:
-        pixels = inputs["pixel_values" if info.kind == "image" else "pixel_values_videos"]
-        pixels = pixels[rows[info.kind]:rows[info.kind] + info.num_tiles]
-        rows[info.kind] += info.num_tiles
-        meta = [next(blocks)] if info.kind == "image" else [info.num_tiles]
-        out.append(hashlib.sha1(pixels.detach().cpu().numpy().tobytes() + repr(meta).encode()).hexdigest())
-    return out
-
-
-def _media_last_positions(input_ids: torch.Tensor, media: list[MediumInfo], token: dict[str, int]) -> list[int]:
-    """Per medium, the prompt position of its last placeholder token (``input_ids`` (L,), on the host)."""
-    ids = input_ids.numpy()
-    where = {kind: np.flatnonzero(ids == t) for kind, t in token.items()}
-    taken = {"image": 0, "video": 0}
-    out = []
-    for info in media:
-        taken[info.kind] += info.num_visual_tokens
-        out.append(int(where[info.kind][taken[info.kind] - 1]))
-    return out
 
 
 def _describe(e: Exception) -> str:

@@ -13,11 +13,14 @@ eviction. An entry whose key is a prefix of a newer one is dropped (the newer on
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from ..processor import MediumInfo
 
 
 def prompt_key(input_ids: torch.Tensor, media: list[tuple[int, str, int]]) -> np.ndarray:
@@ -38,6 +41,32 @@ def prompt_key(input_ids: torch.Tensor, media: list[tuple[int, str, int]]) -> np
         key[where[token][start:start + count]] = -1 - int(digest[:15], 16)  # 60 bits of the digest
         taken[token] = start + count
     return key
+
+
+def media_digests(inputs, media: list[MediumInfo]) -> list[str]:
+    """Per medium, a hash of its pixels and tiling (the key of its features)."""
+    rows = {"image": 0, "video": 0}
+    blocks = iter(inputs.get("image_block_sizes") or [])
+    out = []
+    for info in media:
+        pixels = inputs["pixel_values" if info.kind == "image" else "pixel_values_videos"]
+        pixels = pixels[rows[info.kind]:rows[info.kind] + info.num_tiles]
+        rows[info.kind] += info.num_tiles
+        meta = [next(blocks)] if info.kind == "image" else [info.num_tiles]
+        out.append(hashlib.sha1(pixels.detach().cpu().numpy().tobytes() + repr(meta).encode()).hexdigest())
+    return out
+
+
+def media_last_positions(input_ids: torch.Tensor, media: list[MediumInfo], token: dict[str, int]) -> list[int]:
+    """Per medium, the prompt position of its last placeholder token (``input_ids`` (L,), on the host)."""
+    ids = input_ids.numpy()
+    where = {kind: np.flatnonzero(ids == t) for kind, t in token.items()}
+    taken = {"image": 0, "video": 0}
+    out = []
+    for info in media:
+        taken[info.kind] += info.num_visual_tokens
+        out.append(int(where[info.kind][taken[info.kind] - 1]))
+    return out
 
 
 @dataclass

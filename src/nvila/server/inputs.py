@@ -184,7 +184,10 @@ async def to_engine_messages(messages: list[ChatMessage], policy: MediaPolicy) -
                     parts.append({"type": "text", "text": p.text})
                     continue
                 kind, url = ("image", p.image_url.url) if isinstance(p, ImageURLPart) else ("video", p.video_url.url)
-                parts.append({"type": kind, kind: await _medium(kind, url, policy, inputs, _param(i, j))})
+                part = {"type": kind, kind: await _medium(kind, url, policy, inputs, _param(i, j))}
+                if kind == "video" and p.fps is not None:
+                    part["fps"] = p.fps
+                parts.append(part)
             inputs.messages.append({"role": role, "content": parts})
     except BaseException:
         inputs.cleanup()

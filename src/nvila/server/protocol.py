@@ -2,7 +2,9 @@
 
 Requests are validated strictly (unknown fields are a 400, as OpenAI does), with these extensions:
 
-* content part ``{"type": "video_url", "video_url": {"url": ...}}`` (same shape as ``image_url``);
+* content part ``{"type": "video_url", "video_url": {"url": ...}}`` (same shape as ``image_url``),
+  with an optional ``fps``: the frame rate of a video given as frames (time-token checkpoints answer
+  in seconds of the video, and frames carry no rate of their own);
 * request fields ``top_k``, ``repetition_penalty`` (as vLLM names them) and ``num_video_frames``
   (frames sampled per video; at most the server's limit);
 * ``usage.visual_tokens``: visual tokens per medium, in prompt order.
@@ -81,6 +83,7 @@ class ImageURLPart(_Strict):
 class VideoURLPart(_Strict):
     type: Literal["video_url"]
     video_url: MediaURL
+    fps: float | None = Field(None, gt=0, le=1000)  # extension: frame rate of a video given as frames
 
 
 ContentPart = Annotated[TextPart | ImageURLPart | VideoURLPart, Field(discriminator="type")]

@@ -5,9 +5,10 @@ Usage::
     nvila train --config nvila_stage1_projector model.path=CKPT data.mixture=MIX.yaml
     nvila train --config my_recipe.yaml ...       # a YAML file of your own
     nvila train --config ... --dry-run            # memory report from meta-device shapes, no weights
+    nvila train --config ... --dry-run dist.strategy=fsdp2 dist.world_size=8   # per-rank bytes, 8 ranks
     nvila train --config ... --resume             # continue from the newest checkpoint in run.output_dir
     nvila finetune model.path=CKPT data.mixture=MIX.yaml        # the finetune_lora recipe by default
-    torchrun --nproc_per_node 2 -m nvila.train --config ... [key=value ...]
+    torchrun --nproc_per_node 2 -m nvila.train --config ... [dist.strategy=fsdp2] [key=value ...]
 
 ``--config`` takes a YAML path or the name of a recipe shipped with nvila (package data, listed in
 ``--help``). Every setting is a config key; ``key=value`` arguments override the YAML
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         report = memory_report(cfg)
         if args.json:
             out = {"dtype": report["dtype"], "total_gib": report["total_bytes"] / GIB,
-                   "activation_gib": report["activation_bytes"] / GIB,
+                   "activation_gib": report["activation_bytes"] / GIB, "strategy": report["strategy"],
+                   "world_size": report["world_size"], "gathered_gib": report["gathered_bytes"] / GIB,
                    "components": {k: {**vars(c), "total_bytes": c.total_bytes}
                                   for k, c in report["components"].items()}}
             sys.stdout.write(json.dumps(out) + "\n")

@@ -28,6 +28,10 @@ COMPONENTS = ("vision", "projector", "llm")
 TRAINABILITY = ("frozen", "layernorm", "lora", "full")
 DTYPES = ("float32", "bfloat16", "float16")
 LLM_QUANT = ("none", "nf4")
+# The keys of the parts registries (parts.py, distributed.py); kept here so that config checks need no torch.
+LOSSES = ("token_ce", "soft_ce")
+OPTIMIZERS = ("adamw",)
+STRATEGIES = ("none", "ddp", "fsdp2")
 
 
 class TrainConfigError(ValueError):
@@ -59,6 +63,10 @@ class ModelSection:
     quantize_llm: str = "none"  # "nf4": frozen LLM base weights stored in 4-bit NF4 (QLoRA)
     nf4_block_size: int = 64
     gradient_checkpointing: bool = False
+    # Time tokens (temporal localization): N > 0 gives a checkpoint that lacks them N time tokens
+    # (embeddings resized with mean rows; saved in the config); None keeps the checkpoint's own.
+    num_time_tokens: int | None = None
+    soft_ce_std: float | None = None  # sigma of optim.loss soft_ce; None: the checkpoint's (default 1.0)
 
 
 @dataclass
@@ -85,8 +93,10 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """AdamW, cosine schedule with linear warm-up, gradient accumulation and clipping."""
+    """The loss, the optimizer (AdamW), cosine schedule with linear warm-up, accumulation and clipping."""
 
+    loss: str = "token_ce"  # a key of parts.LOSSES
+    name: str = "adamw"  # a key of parts.OPTIMIZERS
     lr: ComponentLR = field(default_factory=ComponentLR)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -114,11 +124,26 @@ class RunSection:
 
 
 @dataclass
+class DistSection:
+    """How the work is spread over the processes that ``torchrun`` starts.
+
+    ``none``: one process. ``ddp``: every rank holds the whole model, gradients are averaged (one
+    process is the same as ``none``). ``fsdp2``: parameters, gradients and optimizer state are
+    sharded over the ranks (``fully_shard`` per transformer block), which needs ``torchrun``.
+    """
+
+    strategy: str = "ddp"
+    # --dry-run only: report per-rank bytes for this many ranks (a real run takes torchrun's WORLD_SIZE).
+    world_size: int | None = None
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     run: RunSection = field(default_factory=RunSection)
+    dist: DistSection = field(default_factory=DistSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -271,6 +296,14 @@ def validate(cfg: TrainConfig) -> None:
         _choice(f"model.{c}", getattr(m, c), TRAINABILITY)
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.quantize_llm", m.quantize_llm, LLM_QUANT)
+    _choice("optim.loss", o.loss, LOSSES)
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _choice("dist.strategy", cfg.dist.strategy, STRATEGIES)
+    if cfg.dist.world_size is not None and cfg.dist.world_size < 1:
+        raise TrainConfigError(f"dist.world_size must be >= 1, got {cfg.dist.world_size}")
+    if cfg.dist.strategy == "fsdp2" and m.quantize_llm != "none":
+        raise TrainConfigError("dist.strategy=fsdp2 does not shard NF4 base weights; use dist.strategy=ddp "
+                               "with model.quantize_llm=nf4")
     if m.quantize_llm == "nf4" and m.llm not in ("lora", "frozen"):
         raise TrainConfigError(f"model.quantize_llm=nf4 keeps the LLM base weights frozen in 4 bits; "
                                f"model.llm must be lora or frozen, got {m.llm!r}")
@@ -279,6 +312,11 @@ def validate(cfg: TrainConfig) -> None:
                                "model.projector / model.llm to layernorm, lora or full)")
     if m.lora.r < 1 or m.lora.alpha <= 0 or not 0 <= m.lora.dropout < 1:
         raise TrainConfigError("model.lora needs r >= 1, alpha > 0 and 0 <= dropout < 1")
+    if m.num_time_tokens is not None and m.num_time_tokens < 2:
+        raise TrainConfigError(f"model.num_time_tokens must be >= 2 (the first and the last instant), got "
+                               f"{m.num_time_tokens}")
+    if m.soft_ce_std is not None and not m.soft_ce_std > 0:
+        raise TrainConfigError(f"model.soft_ce_std must be > 0, got {m.soft_ce_std}")
     if m.nf4_block_size < 2 or m.nf4_block_size % 2:
         raise TrainConfigError(f"model.nf4_block_size must be an even number >= 2, got {m.nf4_block_size}")
     for c in COMPONENTS:

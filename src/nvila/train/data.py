@@ -24,6 +24,12 @@ The assistant header ids come from the checkpoint's chat template (its generatio
 
 Bad samples (missing or corrupt media, empty answers, no first human turn, longer than
 ``max_length`` after media expansion) raise ``BadSample``; the stream skips and counts them.
+
+Time tokens (spec training.md §6): for a checkpoint with ``num_time_tokens`` N > 0, every
+``<seconds>`` literal in an answer becomes ``<t{round(s / D * (N-1))}>``, D being the duration of the
+record's one video (its ``duration`` field, else the video's own: frames over the file's rate, or
+over the record's ``fps`` for frame directories). A literal past D is clamped (counted in the
+stream's ``fixed``); a record with timestamps but no single video or no duration is skipped.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from pathlib import Path
 import torch
 
 from ..data.llava import BadSample, read_records, to_conversation
+from ..timetokens import TIME_LITERAL, encode_timestamps
 from .config import TrainConfigError
 
 logger = logging.getLogger(__name__)
@@ -134,6 +141,7 @@ class Sample:
     pixel_values_videos: torch.Tensor | None = None  # (N_frames, 3, S, S)
     video_num_frames: list[int] = field(default_factory=list)
     source: int = -1  # its dataset's index in the mixture (MixtureDataset.names); -1 when unknown
+    fixes: dict[str, int] = field(default_factory=dict)  # what encoding corrected, e.g. clamped timestamps
 
 
 def assistant_header_ids(processor) -> list[int]:
@@ -183,6 +191,13 @@ class SampleEncoder:
         from nvila.media import MediaError
 
         conversation = to_conversation(record, media_root)
+        fixes = {}
+        cfg = self.processor.config
+        if cfg.num_time_tokens and any(TIME_LITERAL.search(m["content"]) for m in conversation
+                                       if m["role"] == "assistant"):
+            clamped = self._encode_timestamps(record, conversation)
+            if clamped:
+                fixes["clamped timestamp"] = clamped
         try:
             inputs, _ = self.processor.prepare([conversation], add_generation_prompt=False)
         except (MediaError, OSError, ValueError) as e:
@@ -194,7 +209,41 @@ class SampleEncoder:
         if not (labels != IGNORE_INDEX).any():
             raise BadSample("no supervised tokens")
         return Sample(ids, labels, inputs.get("pixel_values"), list(inputs.get("image_block_sizes", [])),
-                      inputs.get("pixel_values_videos"), list(inputs.get("video_num_frames", [])))
+                      inputs.get("pixel_values_videos"), list(inputs.get("video_num_frames", [])), fixes=fixes)
+
+    def _encode_timestamps(self, record: dict, conversation: list[dict]) -> int:
+        """Rewrite the answers' ``<seconds>`` literals as time tokens in place (LITA's rule, against the
+        one video's duration: the record's ``duration``, else the video's own); returns the clamps.
+
+        Raises:
+            BadSample: no single video, or no usable duration.
+        """
+        from nvila.media import MediaError
+
+        cfg = self.processor.config
+        videos = [p for p in conversation[next(i for i, m in enumerate(conversation) if m["role"] == "user")]
+                  ["content"] if isinstance(p, dict) and p.get("type") == "video"]
+        if len(videos) != 1 or record.get("image"):
+            raise BadSample("timestamps without one video")
+        duration = record.get("duration")
+        if duration is None:
+            try:
+                _, infos = self.processor.prepare([conversation], add_generation_prompt=False,
+                                                  video_fps=record.get("fps"))
+            except (MediaError, OSError, ValueError) as e:
+                raise BadSample("unreadable media", str(e)) from None
+            duration = infos[0][0].duration_s
+            if duration is None:
+                raise BadSample("no video duration", "declare the record's duration or fps")
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not duration > 0:
+            raise BadSample("bad video duration", repr(duration))
+        clamped = 0
+        for m in conversation:
+            if m["role"] == "assistant":
+                m["content"], n = encode_timestamps(m["content"], float(duration), cfg.num_time_tokens,
+                                                    cfg.time_token_format)
+                clamped += n
+        return clamped
 
 
 # ----------------------------------------------------------------------------------------- stream
@@ -214,6 +263,7 @@ class SampleStream:
         self.per_rank = len(dataset) // world
         self.cursor = 0
         self.skipped: Counter = Counter()
+        self.fixed: Counter = Counter()  # corrections made while encoding (clamped timestamps)
         self._epoch, self._order = -1, []
 
     def _index(self, position: int) -> int:
@@ -239,6 +289,7 @@ class SampleStream:
             try:
                 sample = self.encode(record, root)
                 sample.source = self.dataset.source(index)
+                self.fixed.update(sample.fixes)
                 out.append(sample)
                 misses = 0
             except BadSample as e:
@@ -251,8 +302,9 @@ class SampleStream:
         return out
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "skipped": dict(self.skipped)}
+        return {"cursor": self.cursor, "skipped": dict(self.skipped), "fixed": dict(self.fixed)}
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
         self.skipped = Counter(state["skipped"])
+        self.fixed = Counter(state.get("fixed", {}))

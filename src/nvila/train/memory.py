@@ -9,8 +9,13 @@ as a real run (LoRA injection, NF4 base weights). Bytes then follow from shapes 
 * gradients: one tensor per trainable parameter, in its dtype;
 * optimizer: AdamW's ``exp_avg`` and ``exp_avg_sq`` per trainable parameter, in its dtype.
 
-Per process, with DDP every rank holds all of it. Activations are excluded from the totals: they
-depend on the micro-batch length; ``activation_estimate`` gives an order of magnitude for the LLM.
+Per process. With ``ddp`` (or ``none``) every rank holds all of it. With ``dist.strategy=fsdp2`` and
+``dist.world_size=N`` each tensor is counted as the rows one rank holds (``ceil(rows / N)`` of
+dim 0, as ``fully_shard`` splits it: rank 0 holds the largest share); on top of that, FSDP2
+all-gathers one unit at a time in the compute dtype (``gathered_bytes``: the root unit, which is
+embeddings + ``lm_head`` + projector, plus two transformer blocks for prefetch). Activations are
+excluded from the totals: they depend on the micro-batch length; ``activation_estimate`` gives an
+order of magnitude for the LLM.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import COMPONENTS, MODEL_PATH_HINT, TrainConfig, TrainConfigError
+from .config import COMPONENTS, MODEL_PATH_HINT, TrainConfig, TrainConfigError, accumulation_steps
 from .peft import MODULES, NF4Linear, apply_trainability
 from .trainer import DTYPES
 
@@ -44,7 +49,10 @@ def memory_report(cfg: TrainConfig) -> dict:
     """Bytes per component for ``cfg`` (see the module docstring).
 
     Returns:
-        {"components": {name: ComponentMemory}, "total_bytes": int, "activation_bytes": int, "dtype": str}
+        {"components": {name: ComponentMemory}, "total_bytes": int, "activation_bytes": int, "dtype": str,
+         "strategy": str, "world_size": int, "gathered_bytes": int (0 unless fsdp2)}
+    Raises:
+        TrainConfigError: no model path, or ``dist.world_size`` does not divide the global batch.
     """
     from nvila.config import ConfigError, NVILAConfig
     from nvila.model import NVILAForConditionalGeneration
@@ -55,23 +63,43 @@ def memory_report(cfg: TrainConfig) -> dict:
         config = NVILAConfig.from_pretrained(cfg.model.path)
     except ConfigError as e:
         raise TrainConfigError(f"model.path: {e} (set {MODEL_PATH_HINT})") from None
+    world = cfg.dist.world_size or 1
+    accumulation_steps(cfg, world)
+    sharded = cfg.dist.strategy == "fsdp2"
     model = NVILAForConditionalGeneration.on_meta(config).to(DTYPES[cfg.model.dtype])
     apply_trainability(model, cfg.model)
+
+    def nbytes(t: torch.Tensor) -> int:  # this rank's bytes (rank 0 holds the largest shard)
+        if not sharded or t.ndim == 0:
+            return t.numel() * t.element_size()
+        rows = -(-t.shape[0] // world)
+        return rows * (t.numel() // max(1, t.shape[0])) * t.element_size()
+
     components = {}
     for comp in COMPONENTS:
         module = getattr(model, MODULES[comp])
         params = {id(p): p for p in module.parameters()}.values()
         trainable = [p for p in params if p.requires_grad]
-        weights = sum(p.numel() * p.element_size() for p in params)
+        weights = sum(nbytes(p) for p in params)
         weights += sum(b.numel() * b.element_size() for name, b in module.named_buffers()
                        if not any(k in name for k in ("rotary_emb", "position_ids")))  # non-persistent
-        grads = sum(p.numel() * p.element_size() for p in trainable)
+        grads = sum(nbytes(p) for p in trainable)
         count = sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in module.modules()
                                                       if isinstance(m, NF4Linear))
         components[comp] = ComponentMemory(getattr(cfg.model, comp), count,
                                            sum(p.numel() for p in trainable), weights, grads, 2 * grads)
+    gathered = 0
+    if sharded:
+        from .fsdp import fsdp_blocks
+
+        blocks = fsdp_blocks(model)
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        full = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
+        root = full(p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in in_blocks)
+        gathered = root + 2 * max(full(b.parameters()) for b in blocks)
     return {"components": components, "total_bytes": sum(c.total_bytes for c in components.values()),
-            "activation_bytes": activation_estimate(config, cfg), "dtype": cfg.model.dtype}
+            "activation_bytes": activation_estimate(config, cfg), "dtype": cfg.model.dtype,
+            "strategy": cfg.dist.strategy, "world_size": world, "gathered_bytes": gathered}
 
 
 def activation_estimate(config, cfg: TrainConfig) -> int:
@@ -100,6 +128,11 @@ def format_report(report: dict, limit_gib: float | None = None) -> str:
                     f"{c.grad_bytes / GIB:>9.2f} {c.optimizer_bytes / GIB:>9.2f} {c.total_bytes / GIB:>9.2f}")
     total = report["total_bytes"] / GIB
     rows.append(f"{'total':<10} {report['dtype']:<10} {'':>14} {'':>14} {'':>9} {'':>9} {'':>9} {total:>9.2f}")
+    if report["gathered_bytes"]:
+        rows.append(f"per rank of dist.world_size={report['world_size']} (dist.strategy=fsdp2: weights, gradients "
+                    f"and optimizer state sharded)")
+        rows.append(f"FSDP2 all-gathered units (root + 2 blocks, not in the total): "
+                    f"{report['gathered_bytes'] / GIB:.2f} GiB")
     rows.append(f"activations (rough estimate, not in the total): {report['activation_bytes'] / GIB:.2f} GiB")
     if limit_gib is not None:
         verdict = "fits" if total < limit_gib else "does NOT fit"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +166,36 @@ def component_parameters(model: nn.Module) -> dict[str, list[tuple[str, nn.Param
     return out
 
 
+def fresh_lora_state(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Initial LoRA factors for every adapter in ``model`` (real or meta), independent of device and sharding.
+
+    ``lora_A``: Kaiming-uniform (a = sqrt(5), peft's default) drawn in float32 from one generator
+    seeded with ``seed``, adapters in ``named_parameters`` order; ``lora_B``: zeros. Every strategy
+    copies these into the model (whole, or a rank's rows), so runs start from the same adapters.
+
+    Returns:
+        {parameter name: full tensor (CPU, the parameter's dtype)}; empty without LoRA.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in model.named_parameters():
+        if f".lora_A.{ADAPTER}." in name:
+            w = torch.empty(p.shape, dtype=torch.float32)
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=gen)
+            out[name] = w.to(p.dtype)
+        elif f".lora_B.{ADAPTER}." in name:
+            out[name] = torch.zeros(p.shape, dtype=p.dtype)
+    return out
+
+
+def lora_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The merged update ``(B @ A) * scaling`` (out, in), computed in float32 for 16-bit factors (as peft on CPU)."""
+    dtype = lora_b.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return ((lora_b.float() @ lora_a.float()) * scaling).to(dtype)
+    return (lora_b @ lora_a) * scaling
+
+
 # ---------------------------------------------------------------------------------------- merge
 def merged_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with LoRA merged and NF4 dequantized: the published module tree.
@@ -184,7 +215,8 @@ def merged_copy(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             weight = base.dequantize() if isinstance(base, NF4Linear) else base.weight.detach()
             if isinstance(child, LoraLayer) and ADAPTER in child.lora_A:
-                weight = weight + child.get_delta_weight(ADAPTER).to(weight.dtype)
+                delta = lora_delta(child.lora_A[ADAPTER].weight, child.lora_B[ADAPTER].weight, child.scaling[ADAPTER])
+                weight = weight + delta.to(weight.dtype)
             bias = base.bias
             linear = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device="meta",
                                dtype=weight.dtype).to_empty(device=weight.device)  # no init: RNG untouched

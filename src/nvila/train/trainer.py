@@ -1,21 +1,29 @@
 """The training loop: one script for every stage recipe, single-process or under ``torchrun``.
 
-Read top to bottom, ``train`` does: check the config and the data (errors before any work) ->
-join the process group -> load the processor and the model from ``model.path`` -> set the
-trainability of each component (peft.py) -> AdamW with one parameter group per component (own LR;
-no weight decay on norms and biases) and a cosine schedule with linear warm-up -> optionally resume
--> for each step: take ``accum`` micro-batches of this rank's samples, pack or pad them, and
-backpropagate the token-mean cross entropy of the *global* batch -> clip, step, log, save.
+The trainer is assembled from parts chosen by config keys through registries (parts.py,
+distributed.py): the loss (``optim.loss``), the optimizer (``optim.name``), the precision
+(``model.dtype``) and the strategy (``dist.strategy``: none | ddp | fsdp2). The loop calls them and
+never branches on which one it got.
 
-Loss normalisation: every micro-batch contributes ``sum of token CE / N``, where ``N`` is the
+Read top to bottom, ``train`` does: check the config, the data, the strategy and any checkpoint to
+resume (errors before any work) -> join the process group -> load the processor, and the model
+from ``model.path`` through the strategy (whole, or each rank's shards) with the trainability of
+each component set (peft.py) -> the optimizer with one parameter group per component (own LR; no
+weight decay on norms and biases) and a cosine schedule with linear warm-up -> optionally resume ->
+for each step: take ``accum`` micro-batches of this rank's samples, pack or pad them, and
+backpropagate the loss of the *global* batch -> clip, step, log, save.
+
+Loss normalisation: every micro-batch contributes ``sum of per-token loss / N``, where ``N`` is the
 number of labelled tokens in the whole global batch (all micro-batches of all ranks, one
-all-reduce per step before the forward passes). DDP averages gradients over ``W`` ranks, so each
-rank scales its loss by ``W``. The step's gradient is therefore that of the global token-mean loss,
-whatever the split into processes x micro-batches: the same global batch gives the same loss.
+all-reduce per step before the forward passes). DDP and FSDP2 average gradients over ``W`` ranks,
+so each rank scales its loss by ``W``. The step's gradient is therefore that of the global
+token-mean loss, whatever the split into processes x micro-batches: the same global batch gives
+the same loss.
 
 Metrics (``<output_dir>/metrics.jsonl``, rank 0, one line per step): step, loss, grad_norm, lr per
 component, tokens (media-expanded, all ranks), tokens_per_s, step_time_s, peak memory (MiB),
-skipped samples by reason, and per mixture dataset ``loss_by_dataset`` (the token-mean loss over
+skipped samples by reason, ``state_bytes`` (the largest per-rank bytes of parameters, gradients and
+optimizer state: the local shards under FSDP2), and per mixture dataset ``loss_by_dataset`` (the token-mean loss over
 that dataset's labelled tokens in the step's global batch) and ``targets_by_dataset`` (how many
 labelled tokens it had); datasets with no sample in the step are left out. Weighted by the token
 counts, the per-dataset losses average to ``loss``; a plateau shows per task.
@@ -31,27 +39,27 @@ import random
 import resource
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from ..timetokens import TimeTokenError, ensure_time_tokens
 from . import distributed as D
 from . import state as S
 from .config import MODEL_PATH_HINT, TrainConfig, TrainConfigError, accumulation_steps, total_steps
 from .data import IGNORE_INDEX, MixtureDataset, SampleEncoder, SampleStream, load_mixture
 from .packing import collate, num_targets, to_device, token_sources, use_packed_attention
+from .parts import LOSSES, OPTIMIZERS, PRECISIONS, LossContext, pick
 from .peft import apply_trainability, component_parameters
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: p.param for name, p in PRECISIONS.items()}
 
 
 # --------------------------------------------------------------------------------------- checks
-def check(cfg: TrainConfig, world_size: int, *, resume: bool = False) -> tuple[MixtureDataset, int, int]:
-    """Everything that can fail before work starts: files, batch sizes, the output directory.
+def check(cfg: TrainConfig, info: D.DistInfo, *, resume: bool = False) -> tuple[MixtureDataset, int, int]:
+    """Everything that can fail before work starts: strategy, files, batch sizes, the output directory.
 
     Returns:
         (dataset, accumulation steps per rank, total optimizer steps)
@@ -60,6 +68,12 @@ def check(cfg: TrainConfig, world_size: int, *, resume: bool = False) -> tuple[M
     """
     from nvila.checkpoint import CheckpointError, check_layout
 
+    world_size = info.world
+    strategy = pick(D.STRATEGIES, cfg.dist.strategy, "dist.strategy")()
+    strategy.check(info)
+    if cfg.dist.world_size is not None and cfg.dist.world_size != world_size:
+        raise TrainConfigError(f"dist.world_size={cfg.dist.world_size} but torchrun started {world_size} "
+                               f"processes (dist.world_size is for --dry-run; drop it or match it)")
     if not cfg.model.path:
         raise TrainConfigError(f"model.path is not set: give the checkpoint to start from ({MODEL_PATH_HINT})")
     try:
@@ -75,9 +89,12 @@ def check(cfg: TrainConfig, world_size: int, *, resume: bool = False) -> tuple[M
         raise TrainConfigError(f"impossible batch size: {len(dataset)} samples cannot give each of {world_size} "
                                f"processes a micro-batch of {cfg.optim.micro_batch_size}")
     steps = total_steps(cfg, len(dataset))
-    if not resume and S.list_checkpoints(cfg.run.output_dir):
+    ckpts = S.list_checkpoints(cfg.run.output_dir)
+    if not resume and ckpts:
         raise TrainConfigError(f"run.output_dir {cfg.run.output_dir} already holds checkpoints: pass --resume "
                                f"to continue that run, or choose another run.output_dir")
+    if resume and ckpts:
+        S.check_resume(ckpts[-1], strategy=cfg.dist.strategy, fmt=strategy.checkpoint_format, world=world_size)
     return dataset, accum, steps
 
 
@@ -121,12 +138,6 @@ def _checkpoint_activations(module) -> None:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token CE per position, 0 where unlabelled. logits (B, T, V), labels (B, T) -> (B, T-1)."""
-    logits = logits[:, :-1].float()  # (B, T-1, V)
-    return F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX, reduction="none")
-
-
 def _per_source(token_ce: torch.Tensor, labels: torch.Tensor, sources: torch.Tensor, n: int) -> list[float]:
     """CE sums then labelled-token counts per dataset index (2n floats, host). token_ce (B, T-1),
     labels and sources (B, T); tokens of an unknown source (-1) are left out."""
@@ -135,6 +146,15 @@ def _per_source(token_ce: torch.Tensor, labels: torch.Tensor, sources: torch.Ten
     sums = torch.zeros(n, dtype=torch.float64).index_add_(0, src, token_ce.detach()[keep].double().cpu())
     counts = torch.bincount(src, minlength=n).double()
     return [*sums.tolist(), *counts.tolist()]
+
+
+def _state_bytes(params: list[torch.Tensor], optimizer) -> list[float]:
+    """This rank's bytes of parameters, gradients and optimizer state (local shards of DTensors)."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    size = lambda t: local(t).numel() * local(t).element_size()  # noqa: E731
+    grads = sum(size(p.grad) for p in params if p.grad is not None)
+    states = sum(size(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+    return [float(sum(size(p) for p in params)), float(grads), float(states)]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -146,6 +166,32 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
 
 
+def with_time_tokens(processor, model_cfg):
+    """The processor with the recipe's ``model.num_time_tokens`` / ``soft_ce_std`` applied to its
+    config and tokenizer; the model is then built from that config (``strategy.load``) and the
+    export saves it.
+
+    Raises:
+        TimeTokenError: the checkpoint already has a different number of time tokens.
+    """
+    from dataclasses import replace
+
+    from nvila.processor import NVILAProcessor
+
+    pc = processor.config
+    n, std = model_cfg.num_time_tokens, model_cfg.soft_ce_std
+    if n is None and std is None:
+        return processor
+    if n is not None and pc.num_time_tokens not in (0, n):
+        raise TimeTokenError(f"model.num_time_tokens is {n} but the checkpoint has {pc.num_time_tokens} time tokens")
+    pc = replace(pc, num_time_tokens=pc.num_time_tokens if n is None else n,
+                 soft_ce_std=pc.soft_ce_std if std is None else std)
+    ids = ensure_time_tokens(processor.tokenizer, pc.num_time_tokens, pc.time_token_format)
+    pc = replace(pc, time_token_ids=tuple(ids))
+    return NVILAProcessor(processor.tokenizer, pc, chat_template=processor.chat_template,
+                          max_pixels=processor.max_pixels)
+
+
 def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     """Run (or resume) training as configured; returns the last checkpoint directory.
 
@@ -155,43 +201,53 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             there is none).
     """
     from nvila.checkpoint import check_layout
-    from nvila.model import NVILAForConditionalGeneration
     from nvila.processor import NVILAProcessor
 
-    info = D.world_from_env()
-    dataset, accum, steps = check(cfg, info.world, resume=resume)
-    info = D.init(cfg.model.device)
+    dataset, accum, steps = check(cfg, D.world_from_env(), resume=resume)
+    strategy = pick(D.STRATEGIES, cfg.dist.strategy, "dist.strategy")()
+    build_loss = pick(LOSSES, cfg.optim.loss, "optim.loss")
+    precision = pick(PRECISIONS, cfg.model.dtype, "model.dtype")
+    info = D.init(cfg.model.device, need_group=strategy.needs_group)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    device, dtype = torch.device(cfg.model.device), DTYPES[cfg.model.dtype]
+    device, dtype = torch.device(cfg.model.device), precision.param
     if device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
-    torch.manual_seed(cfg.run.seed)
-    random.seed(cfg.run.seed)
     out_dir = Path(cfg.run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # ---- processor, model, trainability
+    # ---- processor, model (whole or sharded), trainability
     media = {k: v for k, v in (("max_tiles", cfg.data.max_tiles), ("num_video_frames", cfg.data.num_video_frames),
                                ("fps", cfg.data.fps)) if v is not None}
     root = check_layout(cfg.model.path)  # a Hub id: the snapshot ``check`` fetched, read by both loaders
     processor = NVILAProcessor.from_pretrained(root, **media)
-    model = NVILAForConditionalGeneration.from_pretrained(root, dtype=dtype, device=device)
-    model.config = processor.config  # preprocessing overrides travel with the saved checkpoints
-    apply_trainability(model, cfg.model)
-    if cfg.model.gradient_checkpointing:
-        for comp, module in (("llm", model.llm), ("vision", model.vision_tower.vision_model)):
-            if getattr(cfg.model, comp) != "frozen":  # a frozen tower keeps no activations anyway
-                _checkpoint_activations(module)
-    if cfg.data.pack:
-        use_packed_attention(model.llm)
+    processor = with_time_tokens(processor, cfg.model)
+    pc = processor.config
+    time_ids = ensure_time_tokens(processor.tokenizer, pc.num_time_tokens, pc.time_token_format)  # the ids it holds
+    loss_fn = build_loss(LossContext(tuple(time_ids), pc.soft_ce_std))
+
+    def prepare(model) -> None:  # on the loaded model, or on the meta model before sharding
+        apply_trainability(model, cfg.model)
+        if cfg.model.gradient_checkpointing:
+            for comp, module in (("llm", model.llm), ("vision", model.vision_tower.vision_model)):
+                if getattr(cfg.model, comp) != "frozen":  # a frozen tower keeps no activations anyway
+                    _checkpoint_activations(module)
+        if cfg.data.pack:
+            use_packed_attention(model.llm)
+
+    model = strategy.load(root, processor.config, precision, device, prepare, info, cfg.run.seed)
+    host_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    logger.info("model loaded (dist.strategy=%s): peak host memory %.0f MiB on rank 0, %.0f MiB at most per rank",
+                cfg.dist.strategy, host_mib, D.all_max([host_mib])[0])
+    torch.manual_seed(cfg.run.seed)  # the same RNG stream (dropout) after loading, whatever the strategy
+    random.seed(cfg.run.seed)
     model.train()
     counts = {c: sum(p.numel() for _, p in named) for c, named in component_parameters(model).items()}
     logger.info("trainable parameters: %s", ", ".join(f"{c} {n:,}" for c, n in counts.items()))
 
     # ---- optimizer, schedule, data
     groups = param_groups(model, cfg)
-    optimizer = torch.optim.AdamW(groups, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    optimizer = pick(OPTIMIZERS, cfg.optim.name, "optim.name")(groups, cfg.optim)
     warmup = math.ceil(cfg.optim.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
         lr_factor, warmup=warmup, total=steps, min_ratio=cfg.optim.min_lr_ratio))
@@ -200,11 +256,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     start = 0
     ckpts = S.list_checkpoints(out_dir) if resume else []
     if ckpts:
-        start = S.load(ckpts[-1], model=model, optimizer=optimizer, scheduler=scheduler, stream=stream, info=info)
+        start = S.load(ckpts[-1], model=model, optimizer=optimizer, scheduler=scheduler, stream=stream, info=info,
+                       fmt=strategy.checkpoint_format)
     metrics_path = out_dir / "metrics.jsonl"
     if info.is_main:
         _truncate_metrics(metrics_path, start)
-    ddp = D.wrap(model, info)
+    module = strategy.wrap(model)
 
     # ---- loop
     from tqdm import tqdm
@@ -213,6 +270,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     bar = tqdm(total=steps, initial=start, disable=not (info.is_main and cfg.run.progress), file=sys.stderr,
                desc="train", dynamic_ncols=True)
     trainable = [p for g in groups for p in g["params"]]
+    every = list({id(p): p for p in model.parameters()}.values())
     n_sets = len(dataset.names)
     last = None
     for step in range(start, stop):
@@ -223,25 +281,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         local_tokens = sum(int(b["input_ids"].numel() if cfg.data.pack else b["attention_mask"].sum()) for b in micro)
         n_targets = D.all_sum([local_targets])[0]
         ce_total = 0.0
-        by_source = [0.0] * (2 * n_sets)  # CE sums, then labelled tokens, per mixture dataset
+        by_source = [0.0] * (2 * n_sets)  # loss sums, then labelled tokens, per mixture dataset
         for i, (batch, samples) in enumerate(zip(micro, taken)):
             batch = to_device(batch, device, dtype)
             labels, sources = batch.pop("labels"), token_sources(samples, packed=cfg.data.pack)
-            sync = i == len(micro) - 1
-            with (nullcontext() if sync or info.world == 1 else ddp.no_sync()):
-                token_ce = _token_ce(ddp(**batch).logits, labels)  # (B, T-1)
-                ce = token_ce.sum()
+            with strategy.sync(module, i == len(micro) - 1):  # gradients cross ranks at the last micro-batch
+                token_loss = loss_fn(module(**batch).logits, labels)  # (B, T-1)
+                ce = token_loss.sum()
                 (ce * (info.world / max(n_targets, 1))).backward()
             ce_total += float(ce.detach())
-            by_source = [a + b for a, b in zip(by_source, _per_source(token_ce, labels, sources, n_sets))]
-        if cfg.optim.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.max_grad_norm))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack(
-                [p.grad.detach().float().norm() for p in trainable if p.grad is not None] or [torch.zeros(())])))
+            by_source = [a + b for a, b in zip(by_source, _per_source(token_loss, labels, sources, n_sets))]
+        grad_norm = strategy.grad_norm(trainable, cfg.optim.max_grad_norm)
         lrs = {g["name"].split(".")[0]: g["lr"] for g in optimizer.param_groups}
         optimizer.step()
         scheduler.step()
+        state_bytes = D.all_max(_state_bytes(every, optimizer))
         optimizer.zero_grad(set_to_none=True)
         skipped = sum(stream.skipped.values())
         ce_sum, tokens, skipped_all, *by_source = D.all_sum([ce_total, local_tokens, skipped, *by_source])
@@ -250,6 +304,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         record = {"step": step + 1, "loss": ce_sum / max(n_targets, 1), "grad_norm": grad_norm,
                   "lr": lrs, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
                   "memory_mib": _peak_memory_mib(device), "skipped": int(skipped_all),
+                  "state_bytes": dict(zip(("params", "grads", "optimizer"), map(int, state_bytes))),
                   "loss_by_dataset": {name: s / c for name, s, c in present},
                   "targets_by_dataset": {name: int(c) for name, _, c in present}}
         if info.is_main:
@@ -262,13 +317,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if (step + 1) % cfg.run.save_every == 0 or step + 1 == stop:
             last = S.save(out_dir, step + 1, model=model, tokenizer=processor.tokenizer, optimizer=optimizer,
                           scheduler=scheduler, stream=stream, info=info, config=cfg.to_dict(),
-                          keep_last=cfg.run.keep_last)
+                          keep_last=cfg.run.keep_last, strategy=cfg.dist.strategy,
+                          fmt=strategy.checkpoint_format, final=step + 1 == stop)
     bar.close()
     if stream.skipped:
         logger.warning("rank %d skipped %d bad samples: %s", info.rank, sum(stream.skipped.values()),
                        dict(stream.skipped))
+    if stream.fixed:
+        logger.warning("rank %d corrected samples while encoding them: %s", info.rank, dict(stream.fixed))
     D.shutdown()
     if last is None:  # resumed a run that had already finished
         last = S.list_checkpoints(out_dir)[-1]
     return last
-
