@@ -177,3 +177,18 @@ def test_convert_refuses_a_quantized_checkpoint(tiny_checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match="a quantized checkpoint; the hf layout cannot hold"):
         convert_checkpoint(ckpt, tmp_path / "out", "hf")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_fsdp_reader_reads_both_layouts(tmp_path):
+    """The FSDP2 trainer's row-sliced reader finds every weight of an hf copy, equal to the vila one."""
+    from nvila.train.fsdp import PublishedReader
+
+    src = default_model_path()
+    hf = convert_checkpoint(src, tmp_path / "hf", "hf")
+    model = NVILAForConditionalGeneration.from_pretrained(src)
+    readers = [PublishedReader(root, model.ids.vocab_size) for root in (src, hf)]
+    for name, t in model.state_dict().items():
+        a, b = (r.rows(name, 0, None, t.shape) for r in readers)
+        assert torch.equal(a, b), name
+    for r in readers:
+        r.check_all_used(model.config.llm.tie_word_embeddings)

@@ -51,17 +51,17 @@ class PublishedReader:
     def __init__(self, root: Path, vocab_size: int):
         from safetensors import safe_open
 
-        from nvila.checkpoint import COMPONENTS, safetensors_files
+        from nvila.checkpoint import map_key
+        from nvila.layouts import detect
 
         self.vocab_size = vocab_size
-        self.where: dict[str, object] = {}  # "component.published_key" -> open file
+        self.where: dict[str, tuple[object, str]] = {}  # "component.published_key" -> (open file, key in it)
         self._files = []
-        for comp in COMPONENTS:
-            for file in safetensors_files(root / comp):
-                f = safe_open(file, framework="pt", device="cpu")
-                self._files.append(f)
-                for key in f.keys():
-                    self.where[f"{comp}.{key}"] = f
+        for shard in detect(root).shards(root):  # either layout (nvila.layouts)
+            f = safe_open(shard.path, framework="pt", device="cpu")
+            self._files.append(f)
+            for key, (comp, module_key) in shard.keys.items():
+                self.where[f"{comp}.{map_key(comp, module_key, to_published=True)}"] = (f, key)
         self.used: set[str] = set()
 
     def key(self, name: str) -> str:
@@ -81,7 +81,8 @@ class PublishedReader:
             raise CheckpointError(f"{key.partition('.')[0]}: weights do not match the model (missing key "
                                   f"{key.partition('.')[2]})")
         self.used.add(key)
-        sl = self.where[key].get_slice(key.partition(".")[2])
+        file, file_key = self.where[key]
+        sl = file.get_slice(file_key)
         stored = tuple(sl.get_shape())
         if key.endswith(("embed_tokens.weight", "lm_head.weight")) and stored[0] != self.vocab_size:
             full = fit_vocab_rows(sl[:], self.vocab_size)  # the rare resize reads the whole matrix once
@@ -103,7 +104,7 @@ def load_sharded(root: Path, config, precision: Precision, device: torch.device,
     """Build, shard and fill the model (collective only through ``fully_shard``'s mesh setup).
 
     Args:
-        root: a checkpoint in the published layout.
+        root: a checkpoint directory in either layout (``nvila.layouts``).
         config: the ``NVILAConfig`` to build and attach.
         precision: storage/compute and gradient-reduction dtypes.
         device: this rank's device.
@@ -117,7 +118,8 @@ def load_sharded(root: Path, config, precision: Precision, device: torch.device,
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor
 
-    from nvila.checkpoint import CheckpointError, load_tokenizer, resolve_chat_template, token_ids
+    from nvila.checkpoint import CheckpointError, resolve_chat_template, token_ids
+    from nvila.layouts import detect
     from nvila.llm import reset_llm_buffers
     from nvila.model import NVILAForConditionalGeneration
     from nvila.quant.format import read_quant_metadata
@@ -127,7 +129,7 @@ def load_sharded(root: Path, config, precision: Precision, device: torch.device,
 
     if read_quant_metadata(root):
         raise CheckpointError(f"{root}: a quantized checkpoint cannot be trained with dist.strategy=fsdp2")
-    tok = load_tokenizer(root / "llm")
+    tok = detect(root).load_tokenizer(root)
     ensure_time_tokens(tok, config.num_time_tokens, config.time_token_format)
     ids = token_ids(tok, resolve_chat_template(config, tok))
     model = NVILAForConditionalGeneration.on_meta(config, ids)
