@@ -125,3 +125,68 @@ def test_engine_batch_sizes_agree_with_generate(ckpt, tmp_path):
         one["samples"][0]["prediction"]
     with pytest.raises(ValueError, match="--batch-size must be >= 1"):
         _run_cli(["--model", str(ckpt), "--task", "coarse_count", "--batch-size", "0"])
+
+
+# ------------------------------------------------------------------------ temporal localization
+class _ScriptedHandle:
+    def __init__(self, text, media):
+        self._text, self.media = text, media
+
+    def text(self):
+        return self._text
+
+
+class _ScriptedEngine:
+    """Answers each request with the next scripted text; its one video lasts 10 s unless told."""
+
+    def __init__(self, answers, duration):
+        self.answers, self.duration = list(answers), duration
+
+    def submit(self, request):
+        from nvila.processor import MediumInfo
+
+        return _ScriptedHandle(self.answers.pop(0), [MediumInfo("video", "v", 1, 1, 1, duration_s=self.duration)])
+
+    def shutdown(self):
+        pass
+
+
+def test_localization_records_get_miou_and_precision(tmp_path, monkeypatch):
+    from nvila.engine import Engine
+
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    records = [
+        {"id": "a", "video": "clip", "segment": [2, 4], "meta": {"family": "when"},
+         "conversations": [{"from": "human", "value": "<video>\nWhen?"}, {"from": "gpt", "value": "<2> <4>"}]},
+        {"id": "b", "video": "clip", "segment": [2, 4], "meta": {"family": "when"},
+         "conversations": [{"from": "human", "value": "<video>\nWhen?"}, {"from": "gpt", "value": "<2> <4>"}]},
+        {"id": "c", "video": "other", "segment": [0, 5], "duration": 20.0, "meta": {"family": "when"},
+         "conversations": [{"from": "human", "value": "<video>\nWhen?"}, {"from": "gpt", "value": "<0> <5>"}]},
+        {"id": "d", "video": "clip", "meta": {"family": "colour"},
+         "conversations": [{"from": "human", "value": "<video>\nColour?"}, {"from": "gpt", "value": "red"}]},
+    ]
+    (tmp_path / "other").mkdir()
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    answers = ["from <4> to <2>", "no idea", "<0> <30> <1>", "Red."]  # sorted; whole clip; clamped to 20
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(lambda cls, *a, **k: _ScriptedEngine(answers, 10.0)))
+    result = evaluate("unused", task, progress=False)
+    when = result["families"]["when"]
+    # per video: clip -> IoUs 1.0 (a) and 0.2 ([0, 10] vs [2, 4], b); other -> [0, 20] vs [0, 5] = 0.25 (c)
+    assert when["miou"] == pytest.approx(((1.0 + 0.2) / 2 + 0.25) / 2)
+    assert when["p_at_0.5"] == pytest.approx((0.5 + 0.0) / 2) and when["videos"] == 2
+    assert result["families"]["colour"] == {"n": 1, "correct": 1, "accuracy": 1.0}
+    assert [s.get("predicted") for s in result["samples"]] == [[2.0, 4.0], [0.0, 10.0], [0.0, 20.0], None]
+    table = to_markdown(result)
+    assert "| when | 3 | 2 | 0.425 | 0.250 |" in table and "| colour | 1 | 1 | 1.000 |" in table
+
+
+def test_a_malformed_segment_is_one_clear_error(tmp_path):
+    (tmp_path / "clip").mkdir()
+    record = {"video": "clip", "segment": [5, 1],
+              "conversations": [{"from": "human", "value": "<video>\nWhen?"}, {"from": "gpt", "value": "<1> <5>"}]}
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps(record) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="segment must be"):
+        evaluate("unused", task, progress=False)
