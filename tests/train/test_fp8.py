@@ -209,7 +209,7 @@ def test_measured_memory_fp8_coat_with_adamw_fp8():
 # ------------------------------------------------------------------------------------------- config
 @pytest.mark.parametrize("overrides, message", [
     (["model.precision=fp9"], "model.precision: 'fp9' is not valid"),
-    (["model.precision=bf16"], "model.precision=bf16 computes in bfloat16 but model.dtype=float32"),
+    (["model.precision=bf16", "model.dtype=float32"], "model.precision=bf16 computes in bfloat16 but model.dtype=float32"),
     (["model.precision=fp8-coat", "model.dtype=float16"], "model.dtype=float16 is not supported"),
     (["model.precision=fp8-linear", "model.device=mps"], "model.device=mps has none"),
     (["model.precision=fp8-linear", "model.llm=lora", "model.quantize_llm=nf4"], "model.quantize_llm=nf4"),
@@ -269,5 +269,5 @@ def test_smoke_each_precision_trains_and_infers(tiny_ckpts, fp8_data, tmp_path, 
     losses = [m["loss"] for m in _metrics(out)]
     assert len(losses) == 10 and losses[-1] < losses[0], losses
     image = next((fp8_data.parent / "images").glob("*.png"))
-    assert nvila_main(["infer", "--model", str(out / "checkpoint-0000010"), "--image", str(image),
-                       "--prompt", "Describe the image.", "--max-new-tokens", "4"]) == 0
+    assert nvila_main(["infer", "--model", str(out / "checkpoint-0000010"), "--media", str(image),
+                       "--text", "Describe the image.", "--max-new-tokens", "4", "--threads", "1"]) == 0
