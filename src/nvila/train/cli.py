@@ -71,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
 
         report = memory_report(cfg)
         if args.json:
-            out = {"dtype": report["dtype"], "total_gib": report["total_bytes"] / GIB,
+            out = {"dtype": report["dtype"], "precision": report["precision"], "optimizer": report["optimizer"],
+                   "optimizer_gib": sum(c.optimizer_bytes for c in report["components"].values()) / GIB,
+                   "total_gib": report["total_bytes"] / GIB,
                    "activation_gib": report["activation_bytes"] / GIB, "strategy": report["strategy"],
                    "world_size": report["world_size"], "gathered_gib": report["gathered_bytes"] / GIB,
                    "components": {k: {**vars(c), "total_bytes": c.total_bytes}

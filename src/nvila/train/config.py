@@ -27,10 +27,14 @@ if TYPE_CHECKING:
 COMPONENTS = ("vision", "projector", "llm")
 TRAINABILITY = ("frozen", "layernorm", "lora", "full")
 DTYPES = ("float32", "bfloat16", "float16")
+# model.precision: how the LLM computes (parts.COMPUTE); the plain ones must match model.dtype.
+COMPUTE = ("fp32", "bf16", "fp16", "fp8-linear", "fp8-coat")
+PLAIN_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+FP8_DEVICES = ("cpu", "cuda")
 LLM_QUANT = ("none", "nf4")
 # The keys of the parts registries (parts.py, distributed.py); kept here so that config checks need no torch.
 LOSSES = ("token_ce", "soft_ce")
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "adamw_fp8")
 STRATEGIES = ("none", "ddp", "fsdp2")
 
 
@@ -54,7 +58,10 @@ class ModelSection:
     # A checkpoint in the published layout, a hub id (ORG/NAME[@REV]), a training run directory (its
     # newest complete checkpoint is used), or a config.json for --dry-run.
     path: str = ""
-    dtype: str = "float32"
+    dtype: str = "float32"  # storage dtype of the weights (and the compute dtype outside FP8 GEMMs)
+    # fp32 | bf16 | fp16 | fp8-linear | fp8-coat; None: the plain one of model.dtype (see docs/training.md, FP8)
+    precision: str | None = None
+    fp8_min_features: int = 3584  # FP8 only for LLM linears with min(in, out) >= this (the reference's rule)
     device: str = "cpu"
     vision: str = "frozen"
     projector: str = "full"
@@ -296,6 +303,7 @@ def validate(cfg: TrainConfig) -> None:
         _choice(f"model.{c}", getattr(m, c), TRAINABILITY)
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.quantize_llm", m.quantize_llm, LLM_QUANT)
+    _check_precision(cfg)
     _choice("optim.loss", o.loss, LOSSES)
     _choice("optim.name", o.name, OPTIMIZERS)
     _choice("dist.strategy", cfg.dist.strategy, STRATEGIES)
@@ -338,6 +346,37 @@ def validate(cfg: TrainConfig) -> None:
         raise TrainConfigError("run.save_every and run.keep_last must be >= 1")
     if r.threads is not None and r.threads < 1:
         raise TrainConfigError(f"run.threads must be >= 1, got {r.threads}")
+
+
+def precision_of(m: ModelSection) -> str:
+    """``model.precision``, or the plain precision of ``model.dtype`` when it is unset."""
+    return m.precision or PLAIN_PRECISION[m.dtype]
+
+
+def _check_precision(cfg: TrainConfig) -> None:
+    m = cfg.model
+    if m.precision is None:
+        return
+    _choice("model.precision", m.precision, COMPUTE)
+    plain = {v: k for k, v in PLAIN_PRECISION.items()}
+    if m.precision in plain and plain[m.precision] != m.dtype:
+        raise TrainConfigError(f"model.precision={m.precision} computes in {plain[m.precision]} but model.dtype="
+                               f"{m.dtype}; set model.dtype={plain[m.precision]} or leave model.precision unset")
+    if m.precision.startswith("fp8"):
+        if m.dtype not in ("float32", "bfloat16"):
+            raise TrainConfigError(f"model.precision={m.precision} keeps float32 or bfloat16 weights around its FP8 "
+                                   f"GEMMs; model.dtype={m.dtype} is not supported")
+        if m.device.split(":")[0] not in FP8_DEVICES:
+            raise TrainConfigError(f"model.precision={m.precision} needs torch's float8 types, available on "
+                                   f"{' and '.join(FP8_DEVICES)}; model.device={m.device} has none")
+        if m.quantize_llm != "none":
+            raise TrainConfigError(f"model.precision={m.precision} runs the LLM linears in FP8; it cannot be "
+                                   f"combined with model.quantize_llm={m.quantize_llm}")
+        if cfg.dist.strategy == "fsdp2":
+            raise TrainConfigError(f"model.precision={m.precision} is not supported with dist.strategy=fsdp2 yet; "
+                                   f"use dist.strategy=ddp or none")
+        if m.fp8_min_features < 0:
+            raise TrainConfigError(f"model.fp8_min_features must be >= 0, got {m.fp8_min_features}")
 
 
 def accumulation_steps(cfg: TrainConfig, world_size: int) -> int:

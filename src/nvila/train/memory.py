@@ -7,15 +7,18 @@ as a real run (LoRA injection, NF4 base weights). Bytes then follow from shapes 
 * weights: every parameter and persistent buffer (NF4 codes and block scales included), tied
   weights counted once (the parameter count includes NF4-stored weights);
 * gradients: one tensor per trainable parameter, in its dtype;
-* optimizer: AdamW's ``exp_avg`` and ``exp_avg_sq`` per trainable parameter, in its dtype.
+* optimizer: AdamW's ``exp_avg`` and ``exp_avg_sq`` per trainable parameter, in its dtype; with
+  ``optim.name=adamw_fp8`` one byte per element per moment (padded to groups of 128) plus two
+  float32 per group, and a float32 master copy of parameters not stored in float32.
 
 Per process. With ``ddp`` (or ``none``) every rank holds all of it. With ``dist.strategy=fsdp2`` and
 ``dist.world_size=N`` each tensor is counted as the rows one rank holds (``ceil(rows / N)`` of
 dim 0, as ``fully_shard`` splits it: rank 0 holds the largest share); on top of that, FSDP2
 all-gathers one unit at a time in the compute dtype (``gathered_bytes``: the root unit, which is
 embeddings + ``lm_head`` + projector, plus two transformer blocks for prefetch). Activations are
-excluded from the totals: they depend on the micro-batch length; ``activation_estimate`` gives an
-order of magnitude for the LLM.
+excluded from the totals: they depend on the micro-batch length; ``activation_estimate`` gives the
+LLM's saved-for-backward bytes per ``model.precision`` from an itemised per-token count (it matches
+the bytes measured with saved-tensor hooks at a small shape to a few per cent; tests/train/test_fp8.py).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import COMPONENTS, MODEL_PATH_HINT, TrainConfig, TrainConfigError, accumulation_steps
+from .config import COMPONENTS, MODEL_PATH_HINT, TrainConfig, TrainConfigError, accumulation_steps, precision_of
 from .peft import MODULES, NF4Linear, apply_trainability
 from .trainer import DTYPES
 
@@ -86,8 +89,8 @@ def memory_report(cfg: TrainConfig) -> dict:
         grads = sum(nbytes(p) for p in trainable)
         count = sum(p.numel() for p in params) + sum(m.in_features * m.out_features for m in module.modules()
                                                       if isinstance(m, NF4Linear))
-        components[comp] = ComponentMemory(getattr(cfg.model, comp), count,
-                                           sum(p.numel() for p in trainable), weights, grads, 2 * grads)
+        components[comp] = ComponentMemory(getattr(cfg.model, comp), count, sum(p.numel() for p in trainable),
+                                           weights, grads, optimizer_bytes(trainable, cfg.optim.name, nbytes))
     gathered = 0
     if sharded:
         from .fsdp import fsdp_blocks
@@ -99,20 +102,61 @@ def memory_report(cfg: TrainConfig) -> dict:
         gathered = root + 2 * max(full(b.parameters()) for b in blocks)
     return {"components": components, "total_bytes": sum(c.total_bytes for c in components.values()),
             "activation_bytes": activation_estimate(config, cfg), "dtype": cfg.model.dtype,
+            "precision": precision_of(cfg.model), "optimizer": cfg.optim.name,
             "strategy": cfg.dist.strategy, "world_size": world, "gathered_bytes": gathered}
 
 
-def activation_estimate(config, cfg: TrainConfig) -> int:
-    """Order-of-magnitude LLM activation bytes for one micro-batch of ``data.max_length`` tokens per sample.
+def optimizer_bytes(trainable: list, name: str, nbytes) -> int:
+    """Optimizer-state bytes of ``trainable`` for ``optim.name`` (``nbytes``: a tensor's bytes on this rank)."""
+    if name != "adamw_fp8":
+        return 2 * sum(nbytes(p) for p in trainable)
+    from .fp8_adamw import GROUP
 
-    With gradient checkpointing: every layer's input is kept, plus one layer recomputed in full;
-    without: every layer in full. Logits are counted in the model dtype, their float32 copy and
-    its gradient. Vision activations are left out.
+    total = 0
+    for p in trainable:
+        n = nbytes(p) // p.element_size()
+        groups = -(-n // GROUP)
+        total += 2 * (groups * GROUP + 8 * groups) + 4 + (4 * n if p.dtype != torch.float32 else 0)
+    return total
+
+
+def _layer_bytes_per_token(llm, precision: str, b: int, min_features: int) -> tuple[float, int]:
+    """(saved bytes per token, FP8 weight-copy bytes) of one decoder layer, item by item.
+
+    In ``b``-byte elements for the high-precision path: each RMSNorm keeps its input and the
+    normalised input (2H), q/k/v/o's shared input (H), the attention's q, k, v and output (2H + 2kv),
+    o_proj's input (H), the MLP input (H), SiLU·mul's gate, silu(gate) and up (3I), down_proj's input (I).
+    An FP8 linear keeps its own 1-byte copy of its input (and of its weight); ``fp8-coat`` keeps each
+    RMSNorm input and SwiGLU's gate and up as 1 byte + 4/16 of scales.
+    """
+    h, i = llm.hidden_size, llm.intermediate_size
+    kv = llm.num_key_value_heads * (h // llm.num_attention_heads)
+    fp8 = precision.startswith("fp8")
+    q_fp8, kv_fp8, mlp_fp8 = (fp8 and min(a, c) >= min_features for a, c in ((h, h), (h, kv), (h, i)))
+    grouped = 1 + 4 / 16
+    norms = 2 * (grouped * h if precision == "fp8-coat" else 2 * b * h)
+    qkv_in = (h * (q_fp8 + 2 * kv_fp8)) + (b * h if not (q_fp8 and kv_fp8) else 0)
+    attention = b * (2 * h + 2 * kv) + (h if q_fp8 else b * h)  # q, k, v, output; o_proj's input
+    mlp_in = 2 * h if mlp_fp8 else b * h
+    swiglu = 2 * grouped * i if precision == "fp8-coat" else 3 * b * i
+    down_in = i if mlp_fp8 else b * i
+    weights = q_fp8 * 2 * h * h + kv_fp8 * 2 * h * kv + mlp_fp8 * 3 * h * i
+    return norms + qkv_in + attention + mlp_in + swiglu + down_in, weights
+
+
+def activation_estimate(config, cfg: TrainConfig) -> int:
+    """LLM saved-for-backward bytes for one micro-batch of ``data.max_length`` tokens per sample.
+
+    Per layer from ``_layer_bytes_per_token`` for ``model.precision``. With gradient checkpointing:
+    every layer's input is kept, plus one layer recomputed in full; without: every layer in full.
+    Logits are counted in the model dtype, their float32 copy and its gradient. Vision activations
+    are left out.
     """
     llm = config.llm
     t = cfg.data.max_length * cfg.optim.micro_batch_size
     b = torch.empty((), dtype=DTYPES[cfg.model.dtype]).element_size()
-    per_layer = t * b * (10 * llm.hidden_size + 3 * llm.intermediate_size)  # q/k/v/o, norms, MLP
+    per_token, fp8_weights = _layer_bytes_per_token(llm, precision_of(cfg.model), b, cfg.model.fp8_min_features)
+    per_layer = int(t * per_token) + fp8_weights
     layers = (llm.num_hidden_layers * t * llm.hidden_size * b + per_layer if cfg.model.gradient_checkpointing
               else llm.num_hidden_layers * per_layer)
     logits = t * llm.vocab_size * (b + 4 + 4)
@@ -127,13 +171,16 @@ def format_report(report: dict, limit_gib: float | None = None) -> str:
         rows.append(f"{name:<10} {c.mode:<10} {c.parameters:>14,} {c.trainable:>14,} {c.weight_bytes / GIB:>9.2f} "
                     f"{c.grad_bytes / GIB:>9.2f} {c.optimizer_bytes / GIB:>9.2f} {c.total_bytes / GIB:>9.2f}")
     total = report["total_bytes"] / GIB
+    rows.append(f"precision: model.dtype={report['dtype']} model.precision={report['precision']} "
+                f"optim.name={report['optimizer']}")
     rows.append(f"{'total':<10} {report['dtype']:<10} {'':>14} {'':>14} {'':>9} {'':>9} {'':>9} {total:>9.2f}")
     if report["gathered_bytes"]:
         rows.append(f"per rank of dist.world_size={report['world_size']} (dist.strategy=fsdp2: weights, gradients "
                     f"and optimizer state sharded)")
         rows.append(f"FSDP2 all-gathered units (root + 2 blocks, not in the total): "
                     f"{report['gathered_bytes'] / GIB:.2f} GiB")
-    rows.append(f"activations (rough estimate, not in the total): {report['activation_bytes'] / GIB:.2f} GiB")
+    rows.append(f"LLM activations for {report['precision']} (estimate, not in the total): "
+                f"{report['activation_bytes'] / GIB:.2f} GiB")
     if limit_gib is not None:
         verdict = "fits" if total < limit_gib else "does NOT fit"
         rows.append(f"weights + gradients + optimizer {verdict} in {limit_gib:g} GiB per process")

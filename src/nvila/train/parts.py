@@ -7,6 +7,9 @@
 * ``OPTIMIZERS[optim.name]``: ``(param groups, OptimSection) -> torch.optim.Optimizer``.
 * ``PRECISIONS[model.dtype]``: the dtype parameters are stored and computed in, and the dtype
   gradients are reduced in across ranks (float32 for the 16-bit formats).
+* ``COMPUTE[model.precision]``: ``(llm, ModelSection) -> None``, the module swap of the compute
+  precision (fp8.py): nothing for fp32/bf16/fp16, FP8 linears for ``fp8-linear``, plus COAT's
+  FP8 activation storage for ``fp8-coat``.
 * The strategies (``none | ddp | fsdp2``) live in distributed.py, next to the collectives.
 
 The training loop calls these through the registries and never branches on which one it got. An
@@ -22,7 +25,9 @@ from typing import Callable, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .config import OptimSection, TrainConfigError
+from torch import nn
+
+from .config import ModelSection, OptimSection, TrainConfigError
 from .data import IGNORE_INDEX
 
 T = TypeVar("T")
@@ -94,7 +99,17 @@ def adamw(groups: list[dict], cfg: OptimSection) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps)
 
 
-OPTIMIZERS: dict[str, Callable[[list[dict], OptimSection], torch.optim.Optimizer]] = {"adamw": adamw}
+def adamw_fp8(groups: list[dict], cfg: OptimSection) -> torch.optim.Optimizer:
+    """AdamW with E4M3 moments in groups of 128 with range expansion (fp8_adamw.py), float32 update."""
+    from .fp8_adamw import AdamWFP8
+
+    return AdamWFP8(groups, betas=cfg.betas, eps=cfg.eps)
+
+
+OPTIMIZERS: dict[str, Callable[[list[dict], OptimSection], torch.optim.Optimizer]] = {
+    "adamw": adamw,
+    "adamw_fp8": adamw_fp8,
+}
 
 
 # ------------------------------------------------------------------------------------- precision
@@ -110,4 +125,22 @@ PRECISIONS: dict[str, Precision] = {
     "float32": Precision(torch.float32, torch.float32),
     "bfloat16": Precision(torch.bfloat16, torch.float32),
     "float16": Precision(torch.float16, torch.float32),
+}
+
+
+def _swap(precision: str) -> Callable[[nn.Module, ModelSection], None]:
+    def apply(llm: nn.Module, cfg: ModelSection) -> None:
+        from .fp8 import apply_precision
+
+        apply_precision(llm, precision, cfg.fp8_min_features)
+
+    return apply
+
+
+COMPUTE: dict[str, Callable[[nn.Module, ModelSection], None]] = {
+    "fp32": lambda llm, cfg: None,
+    "bf16": lambda llm, cfg: None,
+    "fp16": lambda llm, cfg: None,
+    "fp8-linear": _swap("fp8-linear"),
+    "fp8-coat": _swap("fp8-coat"),
 }

@@ -1,8 +1,9 @@
 """The training loop: one script for every stage recipe, single-process or under ``torchrun``.
 
 The trainer is assembled from parts chosen by config keys through registries (parts.py,
-distributed.py): the loss (``optim.loss``), the optimizer (``optim.name``), the precision
-(``model.dtype``) and the strategy (``dist.strategy``: none | ddp | fsdp2). The loop calls them and
+distributed.py): the loss (``optim.loss``), the optimizer (``optim.name``), the storage precision
+(``model.dtype``), the compute precision (``model.precision``: FP8 module swaps of the LLM) and
+the strategy (``dist.strategy``: none | ddp | fsdp2). The loop calls them and
 never branches on which one it got.
 
 Read top to bottom, ``train`` does: check the config, the data, the strategy and any checkpoint to
@@ -46,10 +47,10 @@ import torch
 from ..timetokens import TimeTokenError, ensure_time_tokens
 from . import distributed as D
 from . import state as S
-from .config import MODEL_PATH_HINT, TrainConfig, TrainConfigError, accumulation_steps, total_steps
+from .config import MODEL_PATH_HINT, TrainConfig, TrainConfigError, accumulation_steps, precision_of, total_steps
 from .data import IGNORE_INDEX, MixtureDataset, SampleEncoder, SampleStream, load_mixture
 from .packing import collate, num_targets, to_device, token_sources, use_packed_attention
-from .parts import LOSSES, OPTIMIZERS, PRECISIONS, LossContext, pick
+from .parts import COMPUTE, LOSSES, OPTIMIZERS, PRECISIONS, LossContext, pick
 from .peft import apply_trainability, component_parameters
 
 logger = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     strategy = pick(D.STRATEGIES, cfg.dist.strategy, "dist.strategy")()
     build_loss = pick(LOSSES, cfg.optim.loss, "optim.loss")
     precision = pick(PRECISIONS, cfg.model.dtype, "model.dtype")
+    compute = pick(COMPUTE, precision_of(cfg.model), "model.precision")
     info = D.init(cfg.model.device, need_group=strategy.needs_group)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
@@ -228,6 +230,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
     def prepare(model) -> None:  # on the loaded model, or on the meta model before sharding
         apply_trainability(model, cfg.model)
+        compute(model.llm, cfg.model)  # FP8 module swaps (after LoRA: its base layers get FP8)
         if cfg.model.gradient_checkpointing:
             for comp, module in (("llm", model.llm), ("vision", model.vision_tower.vision_model)):
                 if getattr(cfg.model, comp) != "frozen":  # a frozen tower keeps no activations anyway
