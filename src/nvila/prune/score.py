@@ -9,7 +9,8 @@ Speed: no gradients, and ``batch_size`` samples per forward pass packed into one
 packs them (``train.packing.pack`` + ``use_packed_attention``: per-sample causal attention,
 positions restarting at 0), so a sample's CE does not depend on its neighbours. The LM head runs
 only on the hidden states that predict a labelled token: for answer-only labels that is a small
-fraction of the row, and the (T, V) logits of the whole row are never built.
+fraction of the row, and the (T, V) logits of the whole row are never built. Media are encoded
+per sample (see ``packed_ce``).
 
 Resumable: ``ScoresFile`` streams one JSON line per record (flushed per batch) after a header line
 holding a fingerprint of the inputs (model paths, config hashes, mixture contents, settings). A
@@ -162,9 +163,17 @@ def packed_ce(model, samples: list[Sample], *, embeddings: bool = False) -> tupl
         embedding (B, H) float32 or None: the mean final hidden state over each sample's tokens.
     """
     lengths = [s.input_ids.numel() for s in samples]
-    batch = to_device(pack(samples), model.device, model.dtype)
-    embeds = model.embed(batch["input_ids"], batch.get("pixel_values"), batch.get("image_block_sizes"),
-                         batch.get("pixel_values_videos"), batch.get("video_num_frames"))  # (1, T, D)
+    batch = to_device({k: v for k, v in pack(samples).items() if k in ("input_ids", "labels", "position_ids",
+                                                                      "attention_mask")}, model.device, model.dtype)
+    # Media are encoded one sample at a time (a sample's tiles or frames are already a batch): on CPU
+    # the vision tower's eager attention ran slower on the tiles of 8 samples at once than one by one.
+    dtype = model.vision_tower.dtype
+    images = [model.encode_images(s.pixel_values.to(model.device, dtype), s.image_block_sizes)
+              for s in samples if s.pixel_values is not None]
+    videos = [model.encode_videos(s.pixel_values_videos.to(model.device, dtype), s.video_num_frames)
+              for s in samples if s.pixel_values_videos is not None]
+    embeds = model.fuse(batch["input_ids"], torch.cat(images) if images else None,
+                        torch.cat(videos) if videos else None)  # (1, T, D)
     hidden = model.llm.model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                              position_ids=batch["position_ids"]).last_hidden_state[0]  # (T, H)
     seg = torch.repeat_interleave(torch.arange(len(samples), device=hidden.device),
