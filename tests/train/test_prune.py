@@ -214,3 +214,23 @@ def test_sigkill_then_resume_scores_each_sample_once(setup, tmp_path):
             abs(r["score"] - ref_rows[r["index"]]["score"]) <= 1e-6
     for name in ("filter_index/0.5/many.json", "mixture.yaml"):
         assert (out / name).read_text().replace(str(out), "") == (full / name).read_text().replace(str(full), "")
+
+
+@pytest.mark.slow
+def test_two_ranks_score_shards_that_merge_into_the_same_selection(setup, tmp_path):
+    large, small, mixture, ref = setup
+    out = tmp_path / "ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
+           "-m", "nvila", "prune", "--large", str(large), "--small", str(small), "--mixture", str(mixture),
+           "--keep", "0.5", "--out", str(out), "--threads", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert not list(out.glob("scores.rank*.jsonl"))  # merged into scores.jsonl
+    rows = {(r["dataset"], r["index"]): r for r in _rows(out)}
+    assert len(rows) == len(_rows(out)) == 14
+    for r in _rows(ref):
+        got = rows[(r["dataset"], r["index"])]["score"]
+        assert got is None if r["score"] is None else abs(got - r["score"]) <= 1e-5
+    for name in ("shapes", "text"):
+        assert (out / "filter_index/0.5" / f"{name}.json").read_text() == \
+            (ref / "filter_index/0.5" / f"{name}.json").read_text()

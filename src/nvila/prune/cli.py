@@ -87,10 +87,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..train import distributed as D
-    from ..train.data import SampleEncoder
-    from ..train.packing import use_packed_attention
     from . import score as S
-    from .select import report, select, tag_for, write_outputs
 
     large, small, specs, candidates, counts, procs = _check(args)
     out = Path(args.out)
@@ -100,6 +97,21 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     info = D.init(args.device)
+    try:
+        return _score_and_select(args, info, large, small, specs, candidates, counts, procs, out, fp, scored)
+    finally:
+        D.shutdown()
+
+
+def _score_and_select(args, info, large, small, specs, candidates, counts, procs, out, fp, scored) -> int:
+    import torch
+
+    from ..train import distributed as D
+    from ..train.data import SampleEncoder
+    from ..train.packing import use_packed_attention
+    from . import score as S
+    from .select import report, select, tag_for, write_outputs
+
     t0 = time.perf_counter()
     if args.method != "random":
         todo = S.pending(specs, set(scored), candidates, info.rank, info.world)
