@@ -46,6 +46,7 @@ from .engine.constraints import JsonConstraints
 from .eval import cli as eval_cli
 from .media import DEFAULT_MAX_PIXELS, MediaError
 from .model import NVILAForConditionalGeneration
+from .prune import cli as prune_cli
 from .processor import MediumInfo, NVILAProcessor, num_image_tokens, num_video_tokens
 from .projector import tokens_per_tile
 from . import convert
@@ -543,6 +544,7 @@ COMMANDS: dict[str, Command] = {
     "finetune": Command("PEFT fine-tuning: LoRA on the LLM, LayerNorm-only ViT, full projector",
                         functools.partial(train_cli.add_arguments, finetune=True), train_cli.run),
     "eval": Command(eval_cli.HELP, eval_cli.add_arguments, eval_cli.run),
+    "prune": Command(prune_cli.HELP, prune_cli.add_arguments, prune_cli.run),
 }
 
 

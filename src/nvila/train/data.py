@@ -15,7 +15,9 @@ Mixture YAML (paths relative to the YAML file)::
       - {name: cc3m, path: cc3m.jsonl, media_root: images, repeat: 1, fraction: 1.0}
 
 ``repeat`` copies a dataset (the reference's ``name*3``); ``fraction`` < 1 keeps a seeded random
-subset first.
+subset first. ``drop: FILE.json`` (relative to the YAML) names a JSON list of record indices to leave
+out before ``fraction`` and ``repeat`` apply: the reference's drop-index files (``name@tag``, spec
+training.md §3), as ``nvila prune`` writes them.
 
 Tokenization and media expansion are the inference processor's (``NVILAProcessor.prepare``), so
 training and inference see identical ids. Labels (spec §2.2) cover every assistant content token
@@ -34,6 +36,7 @@ stream's ``fixed``); a record with timestamps but no single video or no duration
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -60,6 +63,7 @@ class DatasetSpec:
     media_root: Path
     repeat: int = 1
     fraction: float = 1.0
+    drop: Path | None = None  # a JSON list of record indices to leave out (a drop-index file)
 
 
 def load_mixture(path: str | os.PathLike) -> list[DatasetSpec]:
@@ -80,7 +84,7 @@ def load_mixture(path: str | os.PathLike) -> list[DatasetSpec]:
     entries = raw.get("datasets") if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not entries:
         raise TrainConfigError(f"{p}: expected a non-empty 'datasets' list")
-    valid = {"name", "path", "media_root", "repeat", "fraction"}
+    valid = {"name", "path", "media_root", "repeat", "fraction", "drop"}
     specs = []
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or "path" not in e:
@@ -97,8 +101,23 @@ def load_mixture(path: str | os.PathLike) -> list[DatasetSpec]:
         repeat, fraction = e.get("repeat", 1), e.get("fraction", 1.0)
         if not isinstance(repeat, int) or repeat < 1 or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise TrainConfigError(f"{p}: datasets[{i}]: repeat must be an integer >= 1 and fraction in (0, 1]")
-        specs.append(DatasetSpec(str(e.get("name", data.stem)), data, root, repeat, float(fraction)))
+        drop = (p.parent / str(e["drop"])).resolve() if e.get("drop") else None
+        if drop is not None and not drop.is_file():
+            raise TrainConfigError(f"{p}: datasets[{i}]: drop-index file {drop} does not exist")
+        specs.append(DatasetSpec(str(e.get("name", data.stem)), data, root, repeat, float(fraction), drop))
     return specs
+
+
+def without_dropped(indices: list[int], drop_file: Path) -> list[int]:
+    """``indices`` less those listed in a drop-index file (a JSON list of ints within range)."""
+    try:
+        drop = json.loads(drop_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TrainConfigError(f"{drop_file}: unreadable drop-index file ({e})") from None
+    if not isinstance(drop, list) or not all(isinstance(i, int) and 0 <= i < len(indices) for i in drop):
+        raise TrainConfigError(f"{drop_file}: expected a JSON list of record indices in [0, {len(indices)})")
+    gone = set(drop)
+    return [i for i in indices if i not in gone]
 
 
 class MixtureDataset:
@@ -111,6 +130,8 @@ class MixtureDataset:
         self.index: list[tuple[int, int]] = []
         for d, (spec, recs) in enumerate(zip(specs, self.records)):
             keep = list(range(len(recs)))
+            if spec.drop is not None:
+                keep = without_dropped(keep, spec.drop)
             if spec.fraction < 1:
                 keep = sorted(random.Random(f"{seed}:{spec.name}").sample(keep, max(1, round(len(recs) * spec.fraction))))
             self.index += [(d, i) for _ in range(spec.repeat) for i in keep]
