@@ -253,3 +253,25 @@ def test_fsdp2_sigkill_then_resume_from_dcp(tiny_ckpts, data, tmp_path):
     resumed, want = _losses(out), _losses(ref)
     assert len(resumed) == STEPS
     assert max(abs(a - b) for a, b in zip(resumed, want)) <= 1e-6, (resumed, want)
+
+
+@pytest.mark.slow
+def test_fsdp2_refuses_micro_batches_whose_media_differ_across_ranks(tiny_ckpts, data, tmp_path):
+    """Rank 0 always draws an image sample and rank 1 a text-only one: a clear error on every rank at
+    the first step, not a hang."""
+    images = data.parent / "images"
+    records = []
+    for i in range(4):
+        image = {"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nColour?"},
+                                                          {"from": "gpt", "value": "Red."}]}
+        text = {"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hi."}]}
+        records += [image, text]
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    mixture = tmp_path / "mixture.yaml"
+    mixture.write_text(f"datasets:\n  - name: mixed\n    path: {mixed.name}\n    media_root: {images}\n", encoding="utf-8")
+    res = subprocess.run(_torchrun(_args(tiny_ckpts["nvila-video"], mixture, tmp_path / "out", "dist.strategy=fsdp2",
+                                         "data.shuffle=false", *FULL), 3),
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "at step 1 some ranks' micro-batches have images or videos and others do not" in res.stderr

@@ -151,6 +151,9 @@ class Single:
         """Clip to ``max_norm`` (None: no clipping, an exact no-op) and return the total L2 norm before it."""
         return float(torch.nn.utils.clip_grad_norm_(params, float("inf") if max_norm is None else max_norm))
 
+    def check_batch(self, batch: dict, step: int) -> None:
+        """Refuse a micro-batch this strategy cannot run (before its forward); nothing to check here."""
+
 
 class DDP(Single):
     """DDP over ranks (gradients averaged at the last micro-batch of a step); one process = ``Single``.
@@ -198,6 +201,19 @@ class FSDP2(Single):
     def grad_norm(self, params, max_norm):
         norm = torch.nn.utils.clip_grad_norm_(params, float("inf") if max_norm is None else max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a replicated DTensor
+
+    def check_batch(self, batch: dict, step: int) -> None:
+        """Every rank must run the vision tower as often as the others in a micro-batch (once for its
+        images, once for its videos): FSDP2 all-gathers each block's shards per call, so a rank that
+        skips a call would wait forever on the others. A micro-batch whose media kinds differ across
+        ranks ends the run on every rank with this error instead of hanging."""
+        have = [float(batch.get("pixel_values") is not None), float(batch.get("pixel_values_videos") is not None)]
+        most = all_max(have + [1.0 - h for h in have])
+        if (most[0] and most[2]) or (most[1] and most[3]):
+            raise TrainConfigError(
+                f"dist.strategy=fsdp2: at step {step + 1} some ranks' micro-batches have images or videos and "
+                "others do not, which FSDP2 cannot run (the vision tower's shards are gathered per call). Use "
+                "dist.strategy=ddp for mixtures that mix text-only, image and video samples")
 
 
 STRATEGIES: dict[str, type[Single]] = {"none": Single, "ddp": DDP, "fsdp2": FSDP2}

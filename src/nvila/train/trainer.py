@@ -287,6 +287,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         by_source = [0.0] * (2 * n_sets)  # loss sums, then labelled tokens, per mixture dataset
         for i, (batch, samples) in enumerate(zip(micro, taken)):
             batch = to_device(batch, device, dtype)
+            strategy.check_batch(batch, step)
             labels, sources = batch.pop("labels"), token_sources(samples, packed=cfg.data.pack)
             with strategy.sync(module, i == len(micro) - 1):  # gradients cross ranks at the last micro-batch
                 token_loss = loss_fn(module(**batch).logits, labels)  # (B, T-1)
