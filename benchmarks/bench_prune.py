@@ -12,39 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from common import cpu_report
+from common import cpu_report, make_caption_mixture, widened_tiny_config
 from nvila.checkpoint import CHAT_TEMPLATES, save_pretrained, token_ids
 from nvila.model import NVILAForConditionalGeneration
 from nvila.processor import NVILAProcessor
 from nvila.prune.score import ScoresFile, pending, score_records
-from nvila.tiny import build_tokenizer, tiny_config
+from nvila.tiny import build_tokenizer
 from nvila.train.data import SampleEncoder, load_mixture
 from nvila.train.packing import use_packed_attention
-
-
-def make_data(root: Path, n: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    (root / "images").mkdir(parents=True)
-    words = "the red circle sits left of a blue square while a green triangle points up".split()
-    records = []
-    for i in range(n):
-        Image.new("RGB", (64, 48), tuple(rng.randrange(256) for _ in range(3))).save(root / "images" / f"{i}.png")
-        answer = " ".join(rng.choice(words) for _ in range(rng.choice([2, 8, 30, 120])))
-        records.append({"id": i, "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": answer}]})
-    (root / "d.json").write_text(json.dumps(records))
-    (root / "mix.yaml").write_text("datasets:\n  - {name: d, path: d.json, media_root: images}\n")
-    return root / "mix.yaml"
 
 
 def main() -> None:
@@ -60,9 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tok = build_tokenizer()
-        config = tiny_config("nvila-video", len(tok))
-        config.llm = replace(config.llm, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                             num_hidden_layers=4, num_attention_heads=max(4, args.hidden // 64), num_key_value_heads=2)
+        config = widened_tiny_config(tok, args.hidden)
         models = {}
         for name, seed in (("large", 0), ("small", 1)):
             torch.manual_seed(seed)
@@ -70,7 +50,7 @@ def main() -> None:
             save_pretrained(model, tok, root / name)  # the published layout, as nvila prune reads it
             models[name] = NVILAForConditionalGeneration.from_pretrained(root / name).eval()
             use_packed_attention(models[name].llm)
-        specs = load_mixture(make_data(root / "data", args.samples, seed=0))
+        specs = load_mixture(make_caption_mixture(root / "data", args.samples, 0, (2, 8, 30, 120)))
         encoder = SampleEncoder(NVILAProcessor.from_pretrained(root / "large"), 8192)
         encoders = {"large": encoder, "small": encoder}
         todo = pending(specs, set(), {"d": list(range(args.samples))})

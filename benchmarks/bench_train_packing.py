@@ -10,8 +10,6 @@ per-sample attention (``use_packed_attention``); padding runs transformers' SDPA
 from __future__ import annotations
 
 import argparse
-import json
-import random
 import statistics
 import tempfile
 import time
@@ -19,33 +17,15 @@ from pathlib import Path
 
 import torch
 
-from common import cpu_report
-from PIL import Image
-
-from dataclasses import replace
+from common import cpu_report, make_caption_mixture, widened_tiny_config
 
 from nvila.checkpoint import CHAT_TEMPLATES, token_ids
 from nvila.model import NVILAForConditionalGeneration
 from nvila.processor import NVILAProcessor
-from nvila.tiny import build_tokenizer, tiny_config
+from nvila.tiny import build_tokenizer
 from nvila.train.data import MixtureDataset, SampleEncoder, load_mixture
 from nvila.train.packing import collate, use_packed_attention
 from nvila.train.parts import token_ce as _token_ce
-
-
-def make_data(root: Path, n: int, seed: int) -> Path:
-    rng = random.Random(seed)
-    (root / "images").mkdir(parents=True)
-    words = "the red circle sits left of a blue square while a green triangle points up".split()
-    records = []
-    for i in range(n):
-        Image.new("RGB", (64, 48), tuple(rng.randrange(256) for _ in range(3))).save(root / "images" / f"{i}.png")
-        answer = " ".join(rng.choice(words) for _ in range(rng.choice([2, 8, 30, 120, 200])))
-        records.append({"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nDescribe."},
-                                                               {"from": "gpt", "value": answer}]})
-    (root / "d.json").write_text(json.dumps(records))
-    (root / "mix.yaml").write_text("datasets:\n  - {name: d, path: d.json, media_root: images}\n")
-    return root / "mix.yaml"
 
 
 def main() -> None:
@@ -60,14 +40,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tok = build_tokenizer()
-        config = tiny_config("nvila-video", len(tok))
-        config.llm = replace(config.llm, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-                             num_hidden_layers=4, num_attention_heads=max(4, args.hidden // 64), num_key_value_heads=2)
+        config = widened_tiny_config(tok, args.hidden)
         torch.manual_seed(0)
         processor = NVILAProcessor(tok, config)
         model = NVILAForConditionalGeneration(config, token_ids(tok, CHAT_TEMPLATES["qwen2"])).train()
         model.vision_tower.requires_grad_(False)
-        ds = MixtureDataset(load_mixture(make_data(root / "data", args.batch, seed=0)))
+        ds = MixtureDataset(load_mixture(make_caption_mixture(root / "data", args.batch, 0, (2, 8, 30, 120, 200))))
         enc = SampleEncoder(processor, 8192)
         samples = [enc(*ds[i]) for i in range(len(ds))]
         lengths = [s.input_ids.numel() for s in samples]

@@ -39,3 +39,39 @@ def cpu_report() -> str:
         pass
     isa = " ".join(f"{f}{'+' if f in flags else '-'}" for f in ISA_FLAGS)
     return f"{model}, {os.cpu_count()} CPUs; {isa}"
+
+
+def make_caption_mixture(root, n: int, seed: int, lengths: tuple[int, ...]) -> "Path":
+    """``n`` one-image records under ``root`` whose answers are ``lengths`` words long (drawn per record,
+    like an SFT mix), and a mixture YAML naming them; returns the YAML's path."""
+    import json
+    import random
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True)
+    words = "the red circle sits left of a blue square while a green triangle points up".split()
+    records = []
+    for i in range(n):
+        Image.new("RGB", (64, 48), tuple(rng.randrange(256) for _ in range(3))).save(root / "images" / f"{i}.png")
+        answer = " ".join(rng.choice(words) for _ in range(rng.choice(lengths)))
+        records.append({"id": i, "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": answer}]})
+    (root / "d.json").write_text(json.dumps(records))
+    (root / "mix.yaml").write_text("datasets:\n  - {name: d, path: d.json, media_root: images}\n")
+    return root / "mix.yaml"
+
+
+def widened_tiny_config(tokenizer, hidden: int):
+    """The tiny NVILA-video config with a 4-layer LLM of width ``hidden``."""
+    from dataclasses import replace
+
+    from nvila.tiny import tiny_config
+
+    config = tiny_config("nvila-video", len(tokenizer))
+    config.llm = replace(config.llm, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=4,
+                         num_attention_heads=max(4, hidden // 64), num_key_value_heads=2)
+    return config

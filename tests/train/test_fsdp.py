@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ from nvila.train.config import LOSSES, OPTIMIZERS, STRATEGIES, TrainConfigError,
 from nvila.train.fsdp import shard_rows
 from nvila.train.parts import PRECISIONS, pick
 
-from trainkit import make_image_data, tiny_ckpts  # noqa: F401 (fixtures)
+from trainkit import kill_when, make_image_data, tiny_ckpts  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
@@ -238,15 +236,7 @@ def test_fsdp2_sigkill_then_resume_from_dcp(tiny_ckpts, data, tmp_path):
     _run2(_args(ckpt, data, ref, "dist.strategy=fsdp2", *LORA_LN))
     proc = subprocess.Popen(_torchrun(_args(ckpt, data, out, "dist.strategy=fsdp2", *LORA_LN), 2), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 180
-    metrics = out / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-    proc.wait()
+    kill_when(proc, out / "metrics.jsonl", 3, 180, group=True)  # torchrun and both ranks
     done = sorted(p.name for p in out.glob("checkpoint-*"))
     assert done and done[-1] in ("checkpoint-0000002", "checkpoint-0000004")
     _run2(_args(ckpt, data, out, "dist.strategy=fsdp2", *LORA_LN, "--resume"), port_offset=3)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from nvila.train.data import MixtureDataset, SampleEncoder, load_mixture, read_r
 from nvila.train.packing import pad, use_packed_attention
 from nvila.train.parts import token_ce
 
-from trainkit import make_image_data, tiny_ckpts  # noqa: F401 (fixture)
+from trainkit import kill_when, make_image_data, tiny_ckpts  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -195,14 +193,7 @@ def test_sigkill_then_resume_scores_each_sample_once(setup, tmp_path):
            "--keep", "0.5", "--out", str(out), "--threads", "1", "--no-progress", "--batch-size", "2"]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO / "src")}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    scores, deadline = out / "scores.jsonl", time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if scores.is_file() and len(scores.read_text().splitlines()) >= 7:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, out / "scores.jsonl", 7)
     before = len(_rows(out))
     assert 0 < before < 36
     assert _prune(large, small, mix, out, "--batch-size", "2") == 0

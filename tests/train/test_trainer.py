@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,7 @@ from nvila.train.cli import main
 from nvila.train.config import load_config
 from nvila.train.trainer import lr_factor
 
-from trainkit import image_mixture, make_image_data, tiny_ckpts, video_mixture  # noqa: F401 (fixtures)
+from trainkit import image_mixture, kill_when, make_image_data, tiny_ckpts, video_mixture  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = "nvila_stage3_pretrain"
@@ -86,15 +84,7 @@ def test_sigkill_mid_run_then_resume(setup, tmp_path):
     cmd = [sys.executable, "-m", "nvila.train", *_args(ckpt, mixture, out)]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    metrics = out / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(proc, out / "metrics.jsonl", 3)
     done = sorted(p.name for p in out.glob("checkpoint-*"))
     assert done and done[-1] in ("checkpoint-0000002", "checkpoint-0000004")  # complete checkpoints only
     assert main(_args(ckpt, mixture, out, "--resume")) == 0

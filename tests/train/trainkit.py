@@ -97,3 +97,23 @@ def image_mixture(tmp_path_factory):
 @pytest.fixture(scope="session")
 def video_mixture(tmp_path_factory):
     return make_video_data(tmp_path_factory.mktemp("vdata"), n=1, frames=4)  # 1 clip + 1 text-only sample
+
+
+def kill_when(proc, path: Path, lines: int, timeout: float = 120.0, *, group: bool = False) -> None:
+    """SIGKILL ``proc`` (its whole process group with ``group``: torchrun and its ranks) once ``path``
+    holds ``lines`` lines; fails if the process ends first."""
+    import os
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if path.is_file() and len(path.read_text().splitlines()) >= lines:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
