@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainkit import image_mixture, tiny_ckpts  # noqa: F401 (fixtures)
@@ -17,6 +18,7 @@ def test_block_causal_mask():
     assert torch.equal(m, expect.bool())
 
 
+@pytest.mark.slow  # ~11 s of forward + backward both ways
 def test_packed_loss_equals_unpacked_token_mean(tiny_ckpts, image_mixture):
     ckpt = tiny_ckpts["nvila"]  # dynamic-S2: several tiles and a block size per image
     torch.manual_seed(0)

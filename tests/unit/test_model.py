@@ -43,6 +43,7 @@ def _image(x=IMAGE):
     return {"type": "image", "image": x}
 
 
+@pytest.mark.slow  # ~11 s: full forwards of a 3 x 3094 padded batch; the engine and generate tests cover batch == alone fast
 def test_batch_rows_equal_single_runs(nvila):
     """Left-padded batch: each row's logits and greedy ids equal those of the row run alone."""
     processor, model = nvila
