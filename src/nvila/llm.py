@@ -131,8 +131,8 @@ def _sdpa_decode(q, keys, values, valid, scaling):
 
 
 def _grouped_decode(q, keys, values, valid, scaling):
-    """Two matmuls over each KV group's query heads, softmax in float32: 1.5-2x faster than torch's
-    fused kernel for one query row on CPU (benchmarks/RESULTS.md, issue 23)."""
+    """Two matmuls over each KV group's query heads, softmax in float32: 1.3-2.1x faster than torch's
+    fused kernel for one query row on CPU (benchmarks/bench_decode_attention.py, RESULTS.md issue 23)."""
     b, heads, _, head_dim = q.shape
     kv_heads = keys.shape[1]
     qg = q.reshape(b, kv_heads, heads // kv_heads, head_dim)  # heads of one KV group are adjacent
