@@ -9,7 +9,7 @@ from PIL import Image
 
 from nvila import NVILAForConditionalGeneration, NVILAProcessor
 from nvila.engine import Engine, EngineConfig, GenerationRequest
-from nvila.engine.prefix import PrefixCache, common_prefix, prompt_key
+from nvila.engine.prefix import PrefixCache, common_prefix, media_positions, prompt_key
 
 IMAGE = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 420, 3), dtype=np.uint8))
 
@@ -84,13 +84,15 @@ def test_the_same_prompt_again_prefills_one_token(pair):
 
 def test_prompt_key_marks_each_medium_by_its_digest():
     ids = torch.tensor([5, 9, 9, 9, 6, 9, 9, 7, 8, 8])  # image id 9, video id 8
-    key = prompt_key(ids, [(9, "a" * 40, 3), (9, "b" * 40, 2), (8, "c" * 40, 2)])
+    at = media_positions(ids, [(9, 3), (9, 2), (8, 2)])
+    assert [p.tolist() for p in at] == [[1, 2, 3], [5, 6], [8, 9]]
+    key = prompt_key(ids, at, ["a" * 40, "b" * 40, "c" * 40])
     assert key[[0, 4, 7]].tolist() == [5, 6, 7]
     assert len(set(key[1:4])) == 1 and len(set(key[5:7])) == 1 and key[1] != key[5] != key[8]
     assert (key[[1, 5, 8]] < 0).all()
-    same = prompt_key(ids, [(9, "a" * 40, 3), (9, "b" * 40, 2), (8, "c" * 40, 2)])
+    same = prompt_key(ids, at, ["a" * 40, "b" * 40, "c" * 40])
     assert common_prefix(key, same) == len(ids)
-    other = prompt_key(ids, [(9, "a" * 40, 3), (9, "d" * 40, 2), (8, "c" * 40, 2)])
+    other = prompt_key(ids, at, ["a" * 40, "d" * 40, "c" * 40])
     assert common_prefix(key, other) == 5
 
 

@@ -43,14 +43,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..llm import Runner
 from ..processor import MediumInfo, NVILAProcessor
 from ..sampling import SamplingParams, sample
 from ..timetokens import TimeTokenStream
 from .api import MAX_TOP_LOGPROBS, ConstraintError, GenerationRequest, RequestMetrics, TokenEvent, TokenLogprob
 from .constraints import JsonConstraints, json_schema_of
 from .logprobs import TokenSpeller, token_logprob
-from .prefix import PrefixCache, media_digests, media_last_positions, prompt_key
-from ..llm import Runner
+from .prefix import PrefixCache, media_digests, media_positions, prompt_key
 
 logger = logging.getLogger(__name__)
 
@@ -188,11 +188,12 @@ class _Running:
     """Scheduler-side state of one request."""
 
     def __init__(self, handle: RequestHandle, request: GenerationRequest, inputs, detok: _Detokenizer, submitted: float,
-                 processors: list, digests: list[str], key):
+                 processors: list, digests: list[str], media_ends: list[int], key):
         self.handle = handle
         self.request = request
         self.inputs = inputs
         self.digests = digests  # per medium, its content hash (feature cache and prefix key)
+        self.media_ends = media_ends  # per medium, the prompt position of its last placeholder
         self.key = key  # (L,) the prompt's prefix-cache key (prefix.prompt_key), or None with no prefix cache
         self.detok = detok
         self.submitted = submitted
@@ -278,13 +279,12 @@ class Engine:
         metrics = RequestMetrics(prompt_tokens=n, visual_tokens=[i.num_visual_tokens for i in infos[0]])
         handle = RequestHandle(f"req-{uuid.uuid4().hex[:16]}", infos[0], metrics)
         digests = media_digests(inputs, infos[0])
-        key = None
-        if self.config.prefix_cache_mib:
-            token = {"image": self.model.ids.image, "video": self.model.ids.video}
-            key = prompt_key(inputs["input_ids"][0], [(token[i.kind], d, i.num_visual_tokens)
-                                                      for i, d in zip(infos[0], digests)])
+        token = {"image": self.model.ids.image, "video": self.model.ids.video}
+        positions = media_positions(inputs["input_ids"][0], [(token[i.kind], i.num_visual_tokens) for i in infos[0]])
+        key = prompt_key(inputs["input_ids"][0], positions, digests) if self.config.prefix_cache_mib else None
         detok = _Detokenizer(self.processor.tokenizer, request.stop, self._time_tokens(infos[0]))
-        running = _Running(handle, request, inputs, detok, submitted, processors, digests, key)
+        running = _Running(handle, request, inputs, detok, submitted, processors, digests,
+                           [int(p[-1]) for p in positions], key)
         with self._wake:
             if self._shutdown:  # checked again under the lock: the scheduler drains the queue once
                 raise EngineClosed("the engine is shut down")
@@ -414,9 +414,7 @@ class Engine:
         feats: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
         rows = {"image": 0, "video": 0}
         blocks = iter(inputs.get("image_block_sizes") or [])
-        last = media_last_positions(r.inputs["input_ids"][0], r.handle.media,
-                                     {"image": self.model.ids.image, "video": self.model.ids.video})
-        for info, digest, end in zip(r.handle.media, r.digests, last):
+        for info, digest, end in zip(r.handle.media, r.digests, r.media_ends):
             key = "pixel_values" if info.kind == "image" else "pixel_values_videos"
             pixels = inputs[key][rows[info.kind]:rows[info.kind] + info.num_tiles]
             rows[info.kind] += info.num_tiles

@@ -23,23 +23,31 @@ import torch
 from ..processor import MediumInfo
 
 
-def prompt_key(input_ids: torch.Tensor, media: list[tuple[int, str, int]]) -> np.ndarray:
-    """The key of a prompt.
+def media_positions(input_ids: torch.Tensor, media: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Per medium, the prompt positions of its placeholder tokens.
 
     Args:
-        input_ids: (L,) the prompt's ids, media placeholders expanded.
-        media: per medium in prompt order, (placeholder id, content digest (hex), visual tokens).
-    Returns:
-        (L,) int64: ids, with each medium's placeholder positions replaced by a negative value
-        taken from its digest (ids are never negative).
+        input_ids: (L,) the prompt's ids (host), media placeholders expanded.
+        media: per medium in prompt order, (placeholder id, visual tokens): a medium takes the next
+            that many placeholders of its id.
     """
-    key = input_ids.detach().cpu().numpy().astype(np.int64)  # a copy
-    where = {token: np.flatnonzero(key == token) for token in {m[0] for m in media}}
+    ids = input_ids.detach().cpu().numpy()
+    where = {token: np.flatnonzero(ids == token) for token in {m[0] for m in media}}
     taken = dict.fromkeys(where, 0)
-    for token, digest, count in media:
-        start = taken[token]
-        key[where[token][start:start + count]] = -1 - int(digest[:15], 16)  # 60 bits of the digest
-        taken[token] = start + count
+    out = []
+    for token, count in media:
+        out.append(where[token][taken[token]:taken[token] + count])
+        taken[token] += count
+    return out
+
+
+def prompt_key(input_ids: torch.Tensor, positions: list[np.ndarray], digests: list[str]) -> np.ndarray:
+    """The key of a prompt: (L,) int64 ids, with each medium's placeholder ``positions``
+    (``media_positions``) replaced by a negative value taken from its content digest (hex; ids are
+    never negative)."""
+    key = input_ids.detach().cpu().numpy().astype(np.int64)  # a copy
+    for at, digest in zip(positions, digests):
+        key[at] = -1 - int(digest[:15], 16)  # 60 bits of the digest
     return key
 
 
@@ -54,18 +62,6 @@ def media_digests(inputs, media: list[MediumInfo]) -> list[str]:
         rows[info.kind] += info.num_tiles
         meta = [next(blocks)] if info.kind == "image" else [info.num_tiles]
         out.append(hashlib.sha1(pixels.detach().cpu().numpy().tobytes() + repr(meta).encode()).hexdigest())
-    return out
-
-
-def media_last_positions(input_ids: torch.Tensor, media: list[MediumInfo], token: dict[str, int]) -> list[int]:
-    """Per medium, the prompt position of its last placeholder token (``input_ids`` (L,), on the host)."""
-    ids = input_ids.numpy()
-    where = {kind: np.flatnonzero(ids == t) for kind, t in token.items()}
-    taken = {"image": 0, "video": 0}
-    out = []
-    for info in media:
-        taken[info.kind] += info.num_visual_tokens
-        out.append(int(where[info.kind][taken[info.kind] - 1]))
     return out
 
 
