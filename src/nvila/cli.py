@@ -326,19 +326,13 @@ def _answer(processor: NVILAProcessor, new: list[int], infos: list[MediumInfo]) 
     in seconds (time tokens decoded against the video's duration; as fractions of the clip, with a
     warning, when the duration is unknown). Elsewhere time tokens stay as they are."""
     cfg = processor.config
-    if not cfg.num_time_tokens:
-        return processor.decode(new), None
-    if len(infos) != 1 or infos[0].kind != "video":
+    duration = processor.time_token_duration(infos)
+    if duration is None:
         text = processor.decode(new)
-        if timetokens.time_token_regex(cfg.time_token_format).search(text):
+        if cfg.num_time_tokens and timetokens.time_token_regex(cfg.time_token_format).search(text):
             logger.warning("the answer holds time tokens, left as they are: they are positions in a video, and "
                            "the prompt has %s", "no video" if not infos else "more than one medium")
         return text, None
-    duration = infos[0].duration_s
-    if duration is None:
-        logger.warning("%s: its frame rate is unknown (give --video-fps), so times are fractions of the clip",
-                       infos[0].source)
-        duration = 1.0
     text = processor.decode(new, decode_time_tokens=duration)
     return text, timetokens.segments(text)
 

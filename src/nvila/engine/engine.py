@@ -282,7 +282,10 @@ class Engine:
         token = {"image": self.model.ids.image, "video": self.model.ids.video}
         positions = media_positions(inputs["input_ids"][0], [(token[i.kind], i.num_visual_tokens) for i in infos[0]])
         key = prompt_key(inputs["input_ids"][0], positions, digests) if self.config.prefix_cache_mib else None
-        detok = _Detokenizer(self.processor.tokenizer, request.stop, self._time_tokens(infos[0]))
+        duration = self.processor.time_token_duration(infos[0])  # None: the text keeps any time tokens
+        cfg = self.model.config
+        timer = None if duration is None else TimeTokenStream(duration, cfg.num_time_tokens, cfg.time_token_format)
+        detok = _Detokenizer(self.processor.tokenizer, request.stop, timer)
         running = _Running(handle, request, inputs, detok, submitted, processors, digests,
                            [int(p[-1]) for p in positions], key)
         with self._wake:
@@ -291,18 +294,6 @@ class Engine:
             self._waiting.append(running)
             self._wake.notify()
         return handle
-
-    def _time_tokens(self, media: list[MediumInfo]) -> TimeTokenStream | None:
-        """For a time-token checkpoint asked about exactly one video, the rewriter of its time tokens
-        into seconds (fractions of the clip, with a warning, when the video's duration is unknown)."""
-        cfg = self.model.config
-        if not cfg.num_time_tokens or len(media) != 1 or media[0].kind != "video":
-            return None
-        duration = media[0].duration_s
-        if duration is None:
-            logger.warning("%s: its frame rate is unknown (declare the part's fps), so times are fractions of "
-                           "the clip", media[0].source)
-        return TimeTokenStream(duration or 1.0, cfg.num_time_tokens, cfg.time_token_format)
 
     def _json_constraint(self, response_format: dict | None):
         """A new JSON constraint for ``response_format``, or None for free text.
