@@ -50,7 +50,7 @@ from ..timetokens import TimeTokenStream
 from .api import MAX_TOP_LOGPROBS, ConstraintError, GenerationRequest, RequestMetrics, TokenEvent, TokenLogprob
 from .constraints import JsonConstraints, json_schema_of
 from .logprobs import TokenSpeller, token_logprob
-from .prefix import PrefixCache, media_digests, media_positions, prompt_key
+from .prefix import PrefixCache, media_digests, media_positions, media_slices, prompt_key
 
 logger = logging.getLogger(__name__)
 
@@ -403,13 +403,8 @@ class Engine:
         wholly inside the first ``reused`` positions (their KV is reused) get zero rows instead."""
         inputs = r.inputs.to(self.model.device)
         feats: dict[str, list[torch.Tensor]] = {"image": [], "video": []}
-        rows = {"image": 0, "video": 0}
-        blocks = iter(inputs.get("image_block_sizes") or [])
-        for info, digest, end in zip(r.handle.media, r.digests, r.media_ends):
-            key = "pixel_values" if info.kind == "image" else "pixel_values_videos"
-            pixels = inputs[key][rows[info.kind]:rows[info.kind] + info.num_tiles]
-            rows[info.kind] += info.num_tiles
-            meta = [next(blocks)] if info.kind == "image" else [info.num_tiles]
+        slices = media_slices(inputs, r.handle.media)
+        for info, digest, end, (pixels, meta) in zip(r.handle.media, r.digests, r.media_ends, slices):
             if end < reused:
                 feats[info.kind].append(torch.zeros(info.num_visual_tokens, self.model.config.llm.hidden_size,
                                                     dtype=self.model.dtype, device=self.model.device))

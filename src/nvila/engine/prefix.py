@@ -51,18 +51,24 @@ def prompt_key(input_ids: torch.Tensor, positions: list[np.ndarray], digests: li
     return key
 
 
-def media_digests(inputs, media: list[MediumInfo]) -> list[str]:
-    """Per medium, a hash of its pixels and tiling (the key of its features)."""
+def media_slices(inputs, media: list[MediumInfo]) -> list[tuple[torch.Tensor, list]]:
+    """Per medium, its pixels (tiles or frames, (n, 3, S, S)) and what its encoder takes with them:
+    ``[block size]`` for an image, ``[frames]`` for a video."""
     rows = {"image": 0, "video": 0}
     blocks = iter(inputs.get("image_block_sizes") or [])
     out = []
     for info in media:
         pixels = inputs["pixel_values" if info.kind == "image" else "pixel_values_videos"]
-        pixels = pixels[rows[info.kind]:rows[info.kind] + info.num_tiles]
+        out.append((pixels[rows[info.kind]:rows[info.kind] + info.num_tiles],
+                    [next(blocks)] if info.kind == "image" else [info.num_tiles]))
         rows[info.kind] += info.num_tiles
-        meta = [next(blocks)] if info.kind == "image" else [info.num_tiles]
-        out.append(hashlib.sha1(pixels.detach().cpu().numpy().tobytes() + repr(meta).encode()).hexdigest())
     return out
+
+
+def media_digests(inputs, media: list[MediumInfo]) -> list[str]:
+    """Per medium, a hash of its pixels and tiling (the key of its features)."""
+    return [hashlib.sha1(pixels.detach().cpu().numpy().tobytes() + repr(meta).encode()).hexdigest()
+            for pixels, meta in media_slices(inputs, media)]
 
 
 @dataclass
