@@ -1,7 +1,7 @@
-"""The ``nvila`` command line: ``nvila infer`` and ``nvila inspect``.
+"""The ``nvila`` command line: ``nvila infer`` here, and every other subcommand from its own module.
 
 Contract: every subcommand is a ``Command`` in ``COMMANDS`` (name -> arguments + run function), so
-later subcommands (``serve``, ``quantize``, ``train``, ``eval``) are one more entry. ``main(argv)``
+each subcommand is one more entry, its flags and run function in its own module. ``main(argv)``
 returns the exit code:
 
 * 0 on success; results go to stdout (human text, or one JSON object with ``--json``);
@@ -35,24 +35,20 @@ from typing import Any
 
 import torch
 
-from . import __version__, tiling, timetokens
-from .argtypes import float_in, int_at_least
+from . import __version__, timetokens
+from .argtypes import HUB_HELP, float_in, int_at_least, text_table
 from .bundled import default_model_path
-from .checkpoint import (CheckpointError, check_layout, resolve_chat_template, resolve_checkpoint,
-                         token_ids)
-from .config import ConfigError, NVILAConfig
-from .layouts import detect
+from .checkpoint import CheckpointError, check_layout
+from .config import ConfigError
 from .engine.constraints import JsonConstraints
 from .eval import cli as eval_cli
 from .media import DEFAULT_MAX_PIXELS, MediaError
 from .model import NVILAForConditionalGeneration
 from .prune import cli as prune_cli
-from .processor import MediumInfo, NVILAProcessor, num_image_tokens, num_video_tokens
-from .projector import tokens_per_tile
-from . import convert
+from .processor import MediumInfo, NVILAProcessor
+from . import convert, inspection
 from .quant import cli as quant_cli
 from .server import cli as serve_cli  # imports neither FastAPI nor uvicorn
-from .temporal import video_layout
 from .train import cli as train_cli
 
 logger = logging.getLogger(__name__)
@@ -68,8 +64,6 @@ EXIT_INTERRUPTED = 130
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv",
                             ".flv", ".3gp"})
 DTYPES = ("float32", "bfloat16", "float16")
-HUB_HELP = ("a Hugging Face Hub id ORG/NAME[@REVISION] (e.g. Efficient-Large-Model/NVILA-8B) when no such local path "
-            "exists, fetched into the Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only")
 
 
 class UsageError(Exception):
@@ -84,14 +78,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ------------------------------------------------------------------------------ flag value types
-def _image_size(text: str) -> tuple[int, int]:
-    """``"1000x700"`` -> (1000, 700)."""
-    w, sep, h = text.lower().partition("x")
-    if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT with positive integers (e.g. 1000x700), got {text!r}")
-    return int(w), int(h)
-
-
 def _device(text: str) -> torch.device:
     try:
         device = torch.device(text)
@@ -337,14 +323,6 @@ def _answer(processor: NVILAProcessor, new: list[int], infos: list[MediumInfo]) 
     return text, timetokens.segments(text)
 
 
-def _table(headers: list[str], rows: list[list[Any]], right: set[int]) -> list[str]:
-    """Aligned text columns (the ``right`` ones right-aligned); None prints as ``-``."""
-    cells = [headers] + [["-" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-            for r in cells]
-
-
 def format_budget(r: dict[str, Any]) -> list[str]:
     """The token-budget lines of a report: one table row per medium, then the prompt length."""
     rows = [[m["kind"], m["source"], m["tiles"] if m["kind"] == "image" else m["frames"],
@@ -352,7 +330,7 @@ def format_budget(r: dict[str, Any]) -> list[str]:
             for m in r["media"]]
     lines = []
     if rows:
-        lines += _table(["kind", "file", "tiles/frames", "block", "visual tokens", "tokens"], rows, {2, 4, 5})
+        lines += text_table(["kind", "file", "tiles/frames", "block", "visual tokens", "tokens"], rows, {2, 4, 5})
     media_tokens = sum(m["tokens"] for m in r["media"])
     lines.append(f"prompt: {r['prompt_tokens']} tokens ({media_tokens} media + {r['prompt_tokens'] - media_tokens} text)")
     return lines
@@ -364,158 +342,13 @@ def _format_infer(r: dict[str, Any]) -> str:
     ttft = f"{t['time_to_first_token_s']:.3f} s (prefill)" if t["time_to_first_token_s"] is not None else None
     rate = f"{t['decode_tokens_per_s']:.1f} tokens/s" if t["decode_tokens_per_s"] is not None else None
     lines += ["", f"timings: {r['model']} ({r['dtype']}, {r['device']})"]
-    lines += ["  " + s for s in _table(["", ""], [
+    lines += ["  " + s for s in text_table(["", ""], [
         ["model load", f"{t['model_load_s']:.3f} s"],
         ["preprocessing", f"{t['preprocess_s']:.3f} s"],
         ["first token", ttft],
         ["decode", rate],
         ["new tokens", f"{r['new_tokens']} ({r['finish_reason']})"],
     ], set())[1:]]
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------- inspect
-def _inspect_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", metavar="PATH",
-                   help="a checkpoint directory (exact vocabulary from its tokenizer), a bare top-level config.json, "
-                        f"or {HUB_HELP} (configs and tokenizer only)")
-    p.add_argument("--image-size", type=_image_size, nargs="+", action="extend", metavar="WxH",
-                   help="image sizes for the token budget (default: 1000x700)")
-    p.add_argument("--video-frames", type=int_at_least(1), metavar="N",
-                   help="frames for the video token budget (default: the config's num_video_frames)")
-    p.add_argument("--max-tiles", type=int_at_least(1), metavar="N", help="override the config's max_tiles")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the human report")
-
-
-def _family(cfg: NVILAConfig) -> str:
-    if cfg.video_encoder.kind == "tsp":
-        return "NVILA-Video"
-    return {"dynamic_s2": "NVILA", "dynamic": "NVILA-Lite"}.get(cfg.image_aspect_ratio, "NVILA-like")
-
-
-def _marker_tokens(text: str | None, tok) -> int | None:
-    """Tokens of a start/end/separator string; without a tokenizer only the Qwen2 ``"\\n"`` is known."""
-    if not text:
-        return 0
-    if tok is not None:
-        return len(tok(text, add_special_tokens=False).input_ids)
-    return 1 if text == "\n" else None
-
-
-def _image_budget(cfg: NVILAConfig, width: int, height: int, tok) -> dict[str, Any]:
-    per_medium = num_image_tokens(cfg, width, height, single=True)
-    block = None
-    tiles = len(per_medium)
-    if cfg.is_dynamic_s2:
-        block = tiling.dynamic_s2_grid(width, height, cfg.s2_scales, cfg.max_tiles)
-        tiles = tiling.dynamic_s2_num_tiles(block, cfg.s2_scales, cfg.vision.image_size)
-    elif cfg.image_aspect_ratio == "dynamic":
-        block = tiling.dynamic_grid(width, height, cfg.min_tiles, cfg.max_tiles, cfg.vision.image_size)
-    start, end = (_marker_tokens(s, tok) for s in (cfg.image_encoder.start_tokens, cfg.image_encoder.end_tokens))
-    marks = None if start is None or end is None else (start + end) * len(per_medium)
-    visual = sum(per_medium)
-    return {"width": width, "height": height, "tiles": tiles, "block_size": list(block) if block else None,
-            "media": len(per_medium), "visual_tokens": visual, "tokens": None if marks is None else visual + marks}
-
-
-def _video_budget(cfg: NVILAConfig, frames: int, tok) -> dict[str, Any]:
-    visual = num_video_tokens(cfg, frames)  # raises ValueError if TSP pools do not divide the frames
-    layout = video_layout(frames, tokens_per_tile(cfg.projector_type, cfg.vision.grid), cfg.video_encoder)
-    enc = cfg.video_encoder
-    start, end, sep = (_marker_tokens(s, tok) for s in (enc.start_tokens, enc.end_tokens, enc.sep_tokens))
-    tokens = None
-    if None not in (start, end, sep):
-        tokens = sum(n * (start + t + end) for n, t in layout) + sep * len(layout)
-    return {"frames": frames, "fps": cfg.fps, "pooled_frames": sum(n for n, _ in layout),
-            "visual_tokens": visual, "tokens": tokens}
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    path = resolve_checkpoint(args.path, weights=False)
-    tok = ids = None
-    if path.is_dir():
-        check_layout(path, weights=False)
-    cfg = NVILAConfig.from_pretrained(path)
-    if path.is_dir():
-        tok = detect(path).load_tokenizer(path)
-        ids = token_ids(tok, resolve_chat_template(cfg, tok))
-    if args.max_tiles is not None:
-        cfg = cfg.with_overrides(max_tiles=args.max_tiles)
-    params = NVILAForConditionalGeneration.on_meta(cfg, ids).num_parameters()
-    llm, vis, enc = cfg.llm, cfg.vision, cfg.video_encoder
-    report = {
-        "path": str(args.path),
-        "family": _family(cfg),
-        "image_aspect_ratio": cfg.image_aspect_ratio,
-        "s2_scales": list(cfg.s2_scales) if cfg.s2_scales else None,
-        "max_tiles": cfg.max_tiles,
-        "min_tiles": cfg.min_tiles,
-        "projector_type": cfg.projector_type,
-        "mm_hidden_size": cfg.mm_hidden_size,
-        "llm": {"hidden_size": llm.hidden_size, "intermediate_size": llm.intermediate_size,
-                "num_hidden_layers": llm.num_hidden_layers, "num_attention_heads": llm.num_attention_heads,
-                "num_key_value_heads": llm.num_key_value_heads, "head_dim": llm.head_dim,
-                "vocab_size": ids.vocab_size if ids else llm.vocab_size,
-                "vocab_source": "tokenizer" if ids else "config",
-                "tie_word_embeddings": llm.tie_word_embeddings, "model_max_length": llm.model_max_length},
-        "vision": {"hidden_size": vis.hidden_size, "intermediate_size": vis.intermediate_size,
-                   "num_hidden_layers": vis.num_hidden_layers, "num_attention_heads": vis.num_attention_heads,
-                   "image_size": vis.image_size, "patch_size": vis.patch_size,
-                   "select_layer": vis.select_layer, "select_feature": vis.select_feature},
-        "video_encoder": {"kind": enc.kind, "pool_sizes": [list(p) for p in enc.pool_sizes]},
-        "num_video_frames": cfg.num_video_frames,
-        "fps": cfg.fps,
-        "parameters": params,
-        "images": [_image_budget(cfg, w, h, tok) for w, h in (args.image_size or [(1000, 700)])],
-        "video": _video_budget(cfg, args.video_frames or cfg.num_video_frames, tok),
-    }
-    _write(json.dumps(report) if args.json else _format_inspect(report))
-    return 0
-
-
-def _count(n: int) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return str(n)
-
-
-def _format_inspect(r: dict[str, Any]) -> str:
-    llm, vis, enc = r["llm"], r["vision"], r["video_encoder"]
-    images = r["image_aspect_ratio"]
-    if r["s2_scales"]:
-        images += f", S2 scales {', '.join(map(str, r['s2_scales']))}"
-    if r["image_aspect_ratio"] in ("dynamic_s2", "dynamic"):
-        images += f", tiles {r['min_tiles']}..{r['max_tiles']}"
-    video = enc["kind"] + (f" (pool sizes {', '.join('x'.join(map(str, p)) for p in enc['pool_sizes'])})"
-                           if enc["pool_sizes"] else "")
-    video += f", {r['num_video_frames']} frames" + (f" at most, at {r['fps']:g} fps" if r["fps"] else "")
-    summary = [
-        ["images", images],
-        ["projector", f"{r['projector_type']}, mm_hidden_size {r['mm_hidden_size']}"],
-        ["llm", f"Qwen2, hidden {llm['hidden_size']}, {llm['num_hidden_layers']} layers, "
-                f"{llm['num_attention_heads']} heads ({llm['num_key_value_heads']} KV, dim {llm['head_dim']}), "
-                f"FFN {llm['intermediate_size']}, vocab {llm['vocab_size']} ({llm['vocab_source']}), "
-                f"context {llm['model_max_length']}"],
-        ["vision", f"SigLIP, hidden {vis['hidden_size']}, {vis['num_hidden_layers']} layers, "
-                   f"{vis['num_attention_heads']} heads, FFN {vis['intermediate_size']}, {vis['image_size']} px "
-                   f"tiles, patch {vis['patch_size']}, select layer {vis['select_layer']} ({vis['select_feature']})"],
-        ["video", video],
-    ]
-    lines = [f"{r['path']}: {r['family']}"]
-    lines += ["  " + s for s in _table(["", ""], summary, set())[1:]]
-    p = r["parameters"]
-    lines += ["parameters"]
-    lines += ["  " + s for s in _table(["", ""], [[k, _count(p[k])] for k in ("vision_tower", "mm_projector", "llm", "total")],
-                                       {1})[1:]]
-    lines += ["token budget (one medium alone in its prompt; tokens include start/end tokens)"]
-    rows = [[f"image {m['width']}x{m['height']}", m["tiles"], "x".join(map(str, m["block_size"])) if m["block_size"] else None,
-             m["visual_tokens"], m["tokens"] if m["tokens"] is not None else "?"] for m in r["images"]]
-    v = r["video"]
-    pooled = v["frames"] if v["pooled_frames"] == v["frames"] else f"{v['pooled_frames']} pooled"
-    rows.append([f"video {v['frames']} frames", pooled, None, v["visual_tokens"],
-                 v["tokens"] if v["tokens"] is not None else "?"])
-    lines += ["  " + s for s in _table(["medium", "tiles/frames", "block", "visual tokens", "tokens"], rows, {1, 3, 4})]
     return "\n".join(lines)
 
 
@@ -529,8 +362,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "infer": Command("answer a prompt about images and videos with a checkpoint", _infer_arguments, run_infer),
-    "inspect": Command("summarise a checkpoint or config.json: dimensions, parameters, token budget",
-                       _inspect_arguments, run_inspect),
+    "inspect": Command(inspection.HELP, inspection.add_arguments, inspection.run),
     "serve": Command(serve_cli.HELP, serve_cli.add_arguments, serve_cli.run),
     "quantize": Command(quant_cli.HELP, quant_cli.add_arguments, quant_cli.run),
     "convert": Command(convert.HELP, convert.add_arguments, convert.run),
