@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     # Training time per stage from the stages' own metrics, so a run resumed across invocations
     # (finished stages are skipped) still reports what each stage cost. From --start, the start's own
     # log (its stages 0-8) comes first.
-    base = json.loads((args.start / "train_log.json").read_text()) if args.start is not None else {}
+    start_json = args.start / "train_log.json" if args.start is not None else None
+    base = json.loads(start_json.read_text()) if start_json is not None and start_json.is_file() else {}
     train_s = dict(base.get("train_seconds", {}))
     if args.start is None:
         train_s["stage0b_vision"] = _metrics(stage0b)[-1]["elapsed_s"]
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("synthvila").info("eval:\n%s", to_markdown(result))
 
     if args.bundle is not None:
-        start_log = (args.start / "training_log.jsonl").read_text() if args.start is not None else ""
+        start_jsonl = args.start / "training_log.jsonl" if args.start is not None else None
+        start_log = start_jsonl.read_text() if start_jsonl is not None and start_jsonl.is_file() else ""
         dest = bundle(ckpt, args.bundle)
         with open(dest / "training_log.jsonl", "w", encoding="utf-8") as f:
             f.write(start_log)
