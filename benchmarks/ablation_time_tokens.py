@@ -19,7 +19,10 @@ timestamp is written and learned:
 Each variant trains with ``--seeds`` data-order seeds (``run.seed``; the start is the same), and is
 scored on ``--eval`` held-out clips of the family (its eval seed): mean IoU and Precision@0.5 by the
 reference's rule (``nvila eval``), next to the always-whole-clip and random-interval baselines
-(``nvila.data.synthetic_localize.interval_baselines``). Results: ``<run>/results.json``, ``<run>/table10.md`` and ``<run>/table10.png``.
+(``nvila.data.synthetic_localize.interval_baselines``). ``--fps 1,2,4`` draws each clip's frame rate
+from the list, so one clip of 16 frames lasts 16, 8 or 4 s and its duration is not in its frames (as
+videos of different lengths sampled to a fixed frame count); the script then writes its own train
+split (the recipe's size and seed) under ``<run>/data`` and ignores ``--data``. Results: ``<run>/results.json``, ``<run>/table10.md`` and ``<run>/table10.png``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import logging
 import statistics
 import sys
 from pathlib import Path
+
+from common import cpu_report
 
 HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent / "recipes" / "synthvila"
@@ -88,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, default=Path("/work/models/synthvila_v16"),
                         help="the shared start: a SynthVILA stage-8 checkpoint without time tokens")
-    parser.add_argument("--data", type=Path, required=True,
+    parser.add_argument("--data", type=Path, default=None,
                         help="train data: the data/ directory of a `recipes/synthvila/train.py --start` run")
     parser.add_argument("--run", type=Path, default=Path("runs/ablation_time_tokens"), help="output directory")
     parser.add_argument("--mode", choices=sorted(MODES), default="full")
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per variant")
+    parser.add_argument("--fps", default=None,
+                        help="frame rates drawn per clip, comma-separated (default: the family's 2 fps)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -100,14 +107,21 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from nvila.data.synthetic import generate_eval_splits
+    from nvila.data.synthetic import FAMILIES, generate, generate_eval_split
     from nvila.data.synthetic_localize import interval_baselines
     from nvila.eval import evaluate
     from nvila.train.synthvila import Stage, run_stage
 
     mode = MODES[args.mode]
     mixture = {FAMILY: 1}
-    missing = [f for f in mixture if not (args.data / f"{f}.jsonl").is_file()]
+    run = args.run
+    run.mkdir(parents=True, exist_ok=True)
+    options = {} if args.fps is None else {"fps": [float(x) for x in args.fps.split(",")]}
+    if options:  # the recipe's train split of the family (1500 clips, seed 1 + its index) at these rates
+        args.data = run / "data"
+        if not (args.data / f"{FAMILY}.jsonl").is_file():
+            generate(FAMILY, 1500 if args.mode == "full" else 8, args.data, 1 + list(FAMILIES).index(FAMILY), **options)
+    missing = [f for f in mixture if args.data is None or not (args.data / f"{f}.jsonl").is_file()]
     if missing or not (args.base / "config.json").is_file():
         sys.stderr.write(f"ablation_time_tokens: error: need the start checkpoint {args.base} and the stage-9 data "
                          f"({', '.join(mixture)}) under {args.data}\n")
@@ -115,14 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     steps = mode["steps"]
     stage = Stage("localize", RECIPES / "stage9_localize.yaml", mixture, steps, mode["batch"])
-    run = args.run
-    run.mkdir(parents=True, exist_ok=True)
-    split = generate_eval_splits([FAMILY], mode["eval"], run / "eval")
+    split = generate_eval_split(FAMILY, mode["eval"], run / "eval", **options)
     truth = [json.loads(line) for line in split.read_text().splitlines()]
     results_path = run / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"variants": {}}
-    results.update(base=str(args.base), steps=steps, batch=stage.batch, mixture=mixture, eval_n=len(truth),
-                   baselines=interval_baselines([r["segment"] for r in truth], truth[0]["duration"]))
+    results.update(cpu=cpu_report(), threads=args.threads, base=str(args.base), steps=steps, batch=stage.batch, mixture=mixture, eval_n=len(truth),
+                   fps=args.fps or "2",
+                   baselines=interval_baselines([r["segment"] for r in truth], [r["duration"] for r in truth]))
     for name, overrides in VARIANTS.items():
         for seed in range(args.seeds):
             done = results["variants"].setdefault(name, {})
@@ -137,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                "final_loss": metrics[-1]["loss"], "checkpoint": str(final),
                                "examples": [s["prediction"] for s in res["samples"][:3]]}
             results_path.write_text(json.dumps(results, indent=2))
-    table = to_markdown(results)
+    table = f"CPU: {results['cpu']}; {args.threads} thread(s)\n\n" + to_markdown(results)
     (run / "table10.md").write_text(table)
     plot(results, run / "table10.png")
     sys.stdout.write(table)

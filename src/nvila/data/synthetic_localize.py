@@ -56,22 +56,26 @@ def _seconds(x: float) -> str:
 
 def localize_sample(family: str, seed: int, i: int, media: Path, rel: str, opts: dict) -> tuple[dict, list[str]]:
     """One ``video_localize`` sample: the frames under ``media/<i>/``, and the record's fields
-    (``video``, ``fps``, ``duration``, ``segment``, ``scene``) with the answer ``"<start> <end>"``."""
-    if not opts["fps"] > 0:
-        raise ValueError(f"fps must be > 0, got {opts['fps']}")
+    (``video``, ``fps``, ``duration``, ``segment``, ``scene``) with the answer ``"<start> <end>"``.
+    ``opts["fps"]`` is a frame rate, or a list of them, one drawn per clip (the same frames then
+    last different times: the clip's duration is not visible in its frames)."""
+    choices = opts["fps"] if isinstance(opts["fps"], (list, tuple)) else [opts["fps"]]
+    if not choices or not all(isinstance(x, (int, float)) and x > 0 for x in choices):
+        raise ValueError(f"fps must be > 0 (or a list of such), got {opts['fps']!r}")
     rng = np.random.default_rng([seed, 3, i])
     clip = localize_clip(rng, frames=opts["frames"], size=opts["size"], slot=opts["slot"],
                          lengths=tuple(opts["lengths"]))
     for f, frame in enumerate(render_clip(clip, opts["noise"])):
         _save_png(frame, media / f"{i:07d}" / f"{f:04d}.png")
-    event, fps = clip["events"][0], float(opts["fps"])
+    fps = float(choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0])
+    event = clip["events"][0]
     start, end = event["start"] / fps, (event["start"] + event["duration"]) / fps
     fields = {"video": f"{rel}/{i:07d}", "fps": fps, "duration": clip["frames"] / fps, "segment": [start, end],
               "scene": clip}
     return fields, [f"<{_seconds(start)}> <{_seconds(end)}>"]
 
 
-def interval_baselines(segments: list[tuple[float, float]], duration: float, *, draws: int = 20_000,
+def interval_baselines(segments: list[tuple[float, float]], duration: float | list[float], *, draws: int = 20_000,
                        seed: int = 0) -> dict[str, dict[str, float]]:
     """The two reference points of a localization split (one question per video, as the family's):
 
@@ -80,6 +84,8 @@ def interval_baselines(segments: list[tuple[float, float]], duration: float, *, 
     * ``random``: an interval whose ends are two independent uniform draws on ``[0, D]``, sorted;
       Monte Carlo over ``draws`` intervals per ground-truth segment, seeded.
 
+    ``duration`` is the clips' D, or one per segment.
+
     Returns:
         ``{name: {"miou", "p_at_0.5"}}``.
     """
@@ -87,11 +93,12 @@ def interval_baselines(segments: list[tuple[float, float]], duration: float, *, 
 
     rng = np.random.default_rng(seed)
     truth = np.asarray(segments, dtype=np.float64)  # (S, 2)
-    whole = [iou((0.0, duration), tuple(t)) for t in truth]
-    ends = np.sort(rng.uniform(0.0, duration, size=(draws, 2)), axis=1)  # (draws, 2)
-    inter = np.clip(np.minimum(ends[None, :, 1], truth[:, None, 1]) - np.maximum(ends[None, :, 0], truth[:, None, 0]),
+    d = np.broadcast_to(np.asarray(duration, dtype=np.float64), (len(truth),))  # (S,)
+    whole = [iou((0.0, float(dk)), tuple(t)) for t, dk in zip(truth, d)]
+    ends = np.sort(rng.uniform(0.0, 1.0, size=(draws, 2)), axis=1)[None] * d[:, None, None]  # (S, draws, 2)
+    inter = np.clip(np.minimum(ends[..., 1], truth[:, None, 1]) - np.maximum(ends[..., 0], truth[:, None, 0]),
                     0.0, None)  # (S, draws)
-    union = np.maximum(ends[None, :, 1], truth[:, None, 1]) - np.minimum(ends[None, :, 0], truth[:, None, 0])
+    union = np.maximum(ends[..., 1], truth[:, None, 1]) - np.minimum(ends[..., 0], truth[:, None, 0])
     rand = inter / np.where(union > 0, union, 1.0)
     return {"whole_clip": {"miou": float(np.mean(whole)), "p_at_0.5": float(np.mean(np.asarray(whole) >= 0.5))},
             "random": {"miou": float(rand.mean()), "p_at_0.5": float((rand >= 0.5).mean())}}
