@@ -80,7 +80,7 @@ def test_bundle_has_the_published_layout_log_and_eval(smoke_run, tmp_path, capsy
 
 
 @pytest.mark.slow
-def test_start_runs_only_the_stages_after_8_on_a_stage_8_checkpoint(smoke_run, tmp_path):
+def test_start_runs_only_the_stages_after_8_on_a_stage_8_checkpoint(smoke_run, tmp_path, monkeypatch):
     out, _ = smoke_run
     late = tmp_path / "late"
     code = _run_script(REPO / "recipes" / "synthvila" / "train.py",
@@ -93,6 +93,7 @@ def test_start_runs_only_the_stages_after_8_on_a_stage_8_checkpoint(smoke_run, t
     assert stages == set(RECIPE["LATE"])
     assert json.loads((tmp_path / "bundle" / "config.json").read_text())["num_time_tokens"] == 17
     # Table 10 in miniature, from the same stage-8 checkpoint and the stage-9 data
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # its `common`, as when run as a script
     code = _run_script(REPO / "benchmarks" / "ablation_time_tokens.py",
                        ["--mode", "smoke", "--base", str(out / "stage8_joint_sft" / "final"), "--data",
                         str(late / "data"), "--run", str(tmp_path / "t10"), "--no-progress"])
@@ -101,6 +102,12 @@ def test_start_runs_only_the_stages_after_8_on_a_stage_8_checkpoint(smoke_run, t
     assert {k: sorted(v) for k, v in results["variants"].items()} == {
         "time tokens + soft CE": ["0", "1"], "time tokens + hard CE": ["0", "1"], "decimal text": ["0", "1"]}
     assert (tmp_path / "t10" / "table10.png").is_file() and "decimal text" in (tmp_path / "t10" / "table10.md").read_text()
+    code = _run_script(REPO / "benchmarks" / "ablation_time_tokens.py",  # durations drawn per clip
+                       ["--mode", "smoke", "--base", str(out / "stage8_joint_sft" / "final"), "--fps", "1,4",
+                        "--run", str(tmp_path / "t10fps"), "--seeds", "1", "--no-progress"])
+    assert code == 0
+    records = [json.loads(x) for x in (tmp_path / "t10fps" / "data" / "video_localize.jsonl").read_text().splitlines()]
+    assert {r["duration"] for r in records} <= {16.0, 4.0} and len({r["duration"] for r in records}) == 2
 
 
 @pytest.mark.slow
