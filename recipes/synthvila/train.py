@@ -3,6 +3,7 @@
     python recipes/synthvila/train.py --out runs/synthvila                   # full run (~93 min, 2 threads)
     python recipes/synthvila/train.py --out runs/synthvila --bundle src/nvila/bundled/synthvila
     python recipes/synthvila/train.py --out /tmp/smoke --mode smoke          # CI: same script, ~20 s
+    python recipes/synthvila/train.py --out runs/loc --start /work/models/synthvila_v16 --threads 1  # 9-10 only
 
 The curriculum (spec training.md §7.4-7.5): SynthVILA data at the "small" size preset; a random
 checkpoint of ``nvila.tiny.synthvila_config``; stage 0b dense per-patch pre-training of the ViT;
@@ -17,7 +18,11 @@ without clutter, then on the real images (on them alone it stayed at chance), 7k
 alone (each run left one family on its plateau through stage 8; alone, right before it, each left the
 plateau within ~125 steps), 8 a long joint SFT on every family that holds them (in a joint mixture
 the count stayed at its chance loss for 1200 steps in one run of two; alone it leaves the plateau at
-once, and a long joint stage keeps it).
+once, and a long joint stage keeps it), 9 temporal localization (the checkpoint gets 17 time tokens;
+the localization family with the video families replayed, smoothed loss), 10 a short joint replay
+of stage 8's mixture with the localization family. ``--start CKPT`` takes CKPT as stage 8's output
+(the frozen v16 bundle) and runs stages 9-10 only; stages 9-10 train from the stage-8 projector as it
+is, not re-centred (a short stage is too short to follow the shift of every visual token).
 VEP comes after the projector + LLM stage here: a tiny text-only LLM that stays frozen never
 learns to read visual tokens (measured: stage 1 and VEP with a frozen LLM stayed at the chance
 loss), so it must learn to read first. Stage 2 is a curriculum, one family group at a time with
@@ -45,6 +50,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
+STEPS9, STEPS10 = 300, 400  # the localization stages (full mode)
+LATE = ("stage9_localize", "stage10_joint_replay")  # the stages after stage 8 (``--start``)
 # mode -> train samples per family, stage-0 steps, stage steps, batch, eval samples per family
 MODES = {
     "full": dict(image=3000, compare=2000, video=1500, vision_steps=3000, text_steps=300,
@@ -55,7 +62,7 @@ MODES = {
                         "stage7d_code": 550, "stage7e_colour1": 300, "stage7f_colour3": 400, "stage7g_count": 400,
                         "stage7h_video": 300, "stage7i_count_clean": 150, "stage7j_compare_count": 250,
                         "stage7k_shape": 150,
-                        "stage8_joint_sft": 1200},
+                        "stage8_joint_sft": 1200, "stage9_localize": STEPS9, "stage10_joint_replay": STEPS10},
                  batch=16, eval=100),
     "smoke": dict(image=8, compare=8, video=8, vision_steps=20, text_steps=15,
                   steps={"stage1_projector": 2, "stage2a_colour": 2, "stage2b_shape": 2, "stage2c_count": 2,
@@ -64,7 +71,7 @@ MODES = {
                          "stage6_count": 2, "stage7a_fill": 2, "stage7b_fill": 2, "stage7c_fill": 2,
                          "stage7d_code": 2, "stage7e_colour1": 2, "stage7f_colour3": 2, "stage7g_count": 2,
                          "stage7h_video": 2, "stage7i_count_clean": 2, "stage7j_compare_count": 2, "stage7k_shape": 2,
-                         "stage8_joint_sft": 2},
+                         "stage8_joint_sft": 2, "stage9_localize": 2, "stage10_joint_replay": 2},
                   batch=4, eval=2),
 }
 # stage -> mixture (family -> repeats); "text" is the stage-0a corpus
@@ -140,6 +147,11 @@ def mixtures(sizes: dict[str, int]) -> dict[str, dict[str, int]]:
         "stage8_joint_sft": {**ALL, "coarse_shape": 3, "coarse_count": 4, "compare_count": 5, "compare_count_clean": 1,
                              "compare_colour": 4, "compare_colour3": 1, "video_order": 4, "video_count": 2,
                              "fine_code": 3},
+        "stage9_localize": {"video_localize": 3, "video_colour": 1, "video_order": 1, "video_count": 1},
+        # stage 8's mixture, the localization family ~12 % of the records
+        "stage10_joint_replay": {**ALL, "coarse_shape": 3, "coarse_count": 4, "compare_count": 5,
+                                 "compare_count_clean": 1, "compare_colour": 4, "compare_colour3": 1, "video_order": 4,
+                                 "video_count": 2, "fine_code": 3, "video_localize": 6},
     }
 
 
@@ -164,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads (default: torch's, one per core; 1 when another job shares the CPU)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--start", type=Path, default=None,
+                        help="a stage-8 checkpoint (the v16 bundle): run stages 9-10 from it, and log on top of its "
+                             "training log")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -185,17 +200,20 @@ def main(argv: list[str] | None = None) -> int:
              for name in FAMILIES}
     sizes.update({name: mode["image"] for name in [*FILLS, *COLOUR_STEPS]})
     sizes.update({name: mode["compare"] for name in COUNT_STEPS})
+    mix = mixtures(sizes)
+    if args.start is not None:  # stages 9-10 only: their splits only
+        sizes = {name: n for name, n in sizes.items() if any(name in mix[stage] for stage in LATE)}
     data = make_data(out / "data", sizes, seed=1 + 100 * args.seed,
                      variants={**{name: ("fine_code", {"code_repeat": rep}) for name, rep in FILLS.items()},
                                **{name: ("compare_colour", opts) for name, opts in COLOUR_STEPS.items()},
                                **{name: ("compare_count", opts) for name, opts in COUNT_STEPS.items()}})
 
-    ckpt = out / "init"
+    ckpt = out / "init" if args.start is None else args.start
     if not (ckpt / "config.json").is_file():
         init_checkpoint(ckpt, seed=args.seed)
 
     stage0b = out / "stage0b_vision" / "final"
-    if not (stage0b / "config.json").is_file():
+    if args.start is None and not (stage0b / "config.json").is_file():
         stage0b.parent.mkdir(parents=True, exist_ok=True)
         log = stage0b.parent / "metrics.jsonl"
         log.unlink(missing_ok=True)
@@ -203,14 +221,16 @@ def main(argv: list[str] | None = None) -> int:
                         progress=not args.no_progress,
                         eval_every=max(1, min(250, mode["vision_steps"] // 4)), log_path=log)
         shutil.copy(log, stage0b / "metrics.jsonl")
-    ckpt = stage0b
 
-    mix = mixtures(sizes)
     stages = [Stage("stage0a_llm", HERE / "stage0a_llm.yaml", mix["stage0a_llm"], mode["text_steps"],
                     4 * mode["batch"])]
     stages += [Stage(name, HERE / f"{RECIPE.get(name, name)}.yaml", mix[name], steps, mode["batch"],
                      centre=name in CENTRED)
                for name, steps in mode["steps"].items()]
+    if args.start is None:
+        ckpt = stage0b
+    else:
+        stages = [s for s in stages if s.name in LATE]
     for stage in stages:
         ckpt = run_stage(stage, ckpt, out / stage.name, data, threads=args.threads, seed=args.seed,
                          progress=not args.no_progress)
@@ -222,29 +242,40 @@ def main(argv: list[str] | None = None) -> int:
     (out / "eval.json").write_text(json.dumps(result, indent=2))
     (out / "eval.md").write_text(to_markdown(result))
     # Training time per stage from the stages' own metrics, so a run resumed across invocations
-    # (finished stages are skipped) still reports what each stage cost.
-    train_s = {"stage0b_vision": _metrics(stage0b)[-1]["elapsed_s"]}
+    # (finished stages are skipped) still reports what each stage cost. From --start, the start's own
+    # log (its stages 0-8) comes first.
+    start_json = args.start / "train_log.json" if args.start is not None else None
+    base = json.loads(start_json.read_text()) if start_json is not None and start_json.is_file() else {}
+    train_s = dict(base.get("train_seconds", {}))
+    if args.start is None:
+        train_s["stage0b_vision"] = _metrics(stage0b)[-1]["elapsed_s"]
     train_s.update({s.name: sum(m["step_time_s"] for m in _metrics(out / s.name / "final")) for s in stages})
     train_log = {"command": command, "mode": args.mode, "threads": torch.get_num_threads(), "seed": args.seed,
+                 **({"start": {"path": str(args.start), "command": base.get("command"),
+                               "threads": base.get("threads")}} if args.start is not None else {}),
                  "train_seconds": {k: round(v, 1) for k, v in train_s.items()},
                  "train_seconds_total": round(sum(train_s.values()), 1), "eval_seconds": round(eval_s, 1),
-                 "sizes": sizes, "stage0b_vision": {"steps": mode["vision_steps"], "scenes": 8, "frames": 8},
-                 "stages": {s.name: {"recipe": s.recipe.name, "steps": s.steps, "batch": s.batch,
-                                     "mixture": s.mixture} for s in stages}}
+                 "sizes": {**base.get("sizes", {}), **sizes},
+                 "stage0b_vision": base.get("stage0b_vision", {"steps": mode["vision_steps"], "scenes": 8, "frames": 8}),
+                 "stages": {**base.get("stages", {}), **{s.name: {"recipe": s.recipe.name, "steps": s.steps,
+                                                                  "batch": s.batch, "mixture": s.mixture}
+                                                         for s in stages}}}
     (out / "train_log.json").write_text(json.dumps(train_log, indent=2))
     logging.getLogger("synthvila").info("eval:\n%s", to_markdown(result))
 
     if args.bundle is not None:
+        start_jsonl = args.start / "training_log.jsonl" if args.start is not None else None
+        start_log = start_jsonl.read_text() if start_jsonl is not None and start_jsonl.is_file() else ""
         dest = bundle(ckpt, args.bundle)
         with open(dest / "training_log.jsonl", "w", encoding="utf-8") as f:
-            for name in ["stage0b_vision", *(s.name for s in stages)]:
+            f.write(start_log)
+            for name in [*(["stage0b_vision"] if args.start is None else []), *(s.name for s in stages)]:
                 for line in (out / name / "final" / "metrics.jsonl").read_text().splitlines():
                     f.write(json.dumps({"stage": name, **json.loads(line)}) + "\n")
         shutil.copy(out / "train_log.json", dest / "train_log.json")
         shutil.copy(out / "eval.json", dest / "eval.json")
         shutil.copy(out / "eval.md", dest / "eval.md")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -312,13 +312,16 @@ def _answer(processor: NVILAProcessor, new: list[int], infos: list[MediumInfo]) 
     in seconds (time tokens decoded against the video's duration; as fractions of the clip, with a
     warning, when the duration is unknown). Elsewhere time tokens stay as they are."""
     cfg = processor.config
-    duration = processor.time_token_duration(infos)
+    duration = processor.time_token_duration(infos, warn=False)  # warned below, if the answer has time tokens
+    raw = processor.decode(new)
+    timed = bool(cfg.num_time_tokens and timetokens.time_token_regex(cfg.time_token_format).search(raw))
     if duration is None:
-        text = processor.decode(new)
-        if cfg.num_time_tokens and timetokens.time_token_regex(cfg.time_token_format).search(text):
+        if timed:
             logger.warning("the answer holds time tokens, left as they are: they are positions in a video, and "
                            "the prompt has %s", "no video" if not infos else "more than one medium")
-        return text, None
+        return raw, None
+    if timed and infos[0].duration_s is None:
+        processor.time_token_duration(infos)  # says that the frame rate is unknown
     text = processor.decode(new, decode_time_tokens=duration)
     return text, timetokens.segments(text)
 

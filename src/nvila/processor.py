@@ -214,16 +214,18 @@ class NVILAProcessor:
                              f"{len(texts)} rows")
         return [self._time_tokens_to_seconds(t, d) for t, d in zip(texts, decode_time_tokens)]
 
-    def time_token_duration(self, infos: list[MediumInfo]) -> float | None:
+    def time_token_duration(self, infos: list[MediumInfo], *, warn: bool = True) -> float | None:
         """The seconds a time-token answer about a conversation's media is decoded against: None when
         the checkpoint has no time tokens or the media are not exactly one video; the video's
-        duration; 1.0 (positions as fractions of the clip), with a warning, when its frame rate is
-        unknown (a frame directory without a declared fps)."""
+        duration; 1.0 (positions as fractions of the clip), with a warning unless ``warn`` is False
+        (a caller that warns once the answer holds a time token), when its frame rate is unknown (a
+        frame directory without a declared fps)."""
         if not self.config.num_time_tokens or len(infos) != 1 or infos[0].kind != "video":
             return None
         if infos[0].duration_s is None:
-            logger.warning("%s: its frame rate is unknown (declare it: --video-fps, or the video part's fps), so "
-                           "times are fractions of the clip", infos[0].source)
+            if warn:
+                logger.warning("%s: its frame rate is unknown (declare it: --video-fps, or the video part's fps), so "
+                               "times are fractions of the clip", infos[0].source)
             return 1.0
         return infos[0].duration_s
 

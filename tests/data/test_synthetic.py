@@ -66,12 +66,17 @@ def test_record_format_matches_the_trainer(tmp_path, family):
         assert r["id"] == f"{family}-{i:07d}" and r["meta"]["family"] == family and r["meta"]["index"] == i
         human, gpt = r["conversations"]
         assert human["from"] == "human" and gpt["from"] == "gpt"
-        media = r["video"] if kind == "video" else r["image"]
+        video = kind in ("video", "localization")
+        media = r["video"] if video else r["image"]
         n_media = 2 if kind == "multi_image" else 1
-        marker = "<video>" if kind == "video" else "<image>"
+        marker = "<video>" if video else "<image>"
         assert human["value"] == f"{marker}\n" * n_media + S.QUESTIONS[family]
         for rel in media if isinstance(media, list) else [media]:
             assert (tmp_path / rel).exists() and not Path(rel).is_absolute()
+        if kind == "localization":  # "<start> <end>" in seconds, the record's segment
+            assert gpt["value"] == "<{:g}> <{:g}>".format(*r["segment"]) and 0 <= r["segment"][0] < r["segment"][1]
+            assert r["segment"][1] <= r["duration"] == r["meta"]["scene"]["frames"] / r["fps"]
+            continue
         words = gpt["value"].split() if family != "fine_code" else list(gpt["value"])
         assert words and set(words) <= set(S.ANSWER_VOCAB[family])
 

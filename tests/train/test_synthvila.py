@@ -66,7 +66,10 @@ def test_bundle_has_the_published_layout_log_and_eval(smoke_run, tmp_path, capsy
     assert stages == {"stage0b_vision", *STAGES}
     result = json.loads((bundle / "eval.json").read_text())
     assert set(result["families"]) == {"fine_code", "coarse_colour", "coarse_count", "coarse_shape", "compare_count",
-                                       "compare_colour", "video_colour", "video_order", "video_count"}
+                                       "compare_colour", "video_colour", "video_order", "video_count",
+                                       "video_localize"}
+    assert {"miou", "p_at_0.5"} <= set(result["families"]["video_localize"])
+    assert json.loads((bundle / "config.json").read_text())["num_time_tokens"] == 17
     from nvila.data.synthetic import generate, preset_options
 
     generate("coarse_colour", 1, tmp_path, 0, **preset_options("coarse_colour", "small"))
@@ -74,6 +77,37 @@ def test_bundle_has_the_published_layout_log_and_eval(smoke_run, tmp_path, capsy
     assert cli_main(["infer", "--model", str(bundle), "--media", str(media), "--text", "What colour is the largest "
                      "shape?", "--max-new-tokens", "4"]) == 0
     assert "81" in capsys.readouterr().out  # Dynamic-S2 over 24/72 px, 2x2: 9 tiles x 9 tokens
+
+
+@pytest.mark.slow
+def test_start_runs_only_the_stages_after_8_on_a_stage_8_checkpoint(smoke_run, tmp_path, monkeypatch):
+    out, _ = smoke_run
+    late = tmp_path / "late"
+    code = _run_script(REPO / "recipes" / "synthvila" / "train.py",
+                       ["--out", str(late), "--mode", "smoke", "--start", str(out / "stage8_joint_sft" / "final"),
+                        "--bundle", str(tmp_path / "bundle"), "--no-progress"])
+    assert code == 0
+    assert sorted(p.name for p in late.glob("stage*")) == ["stage10_joint_replay", "stage9_localize"]
+    assert set(json.loads((late / "train_log.json").read_text())["stages"]) == set(RECIPE["LATE"])
+    stages = {json.loads(line)["stage"] for line in (tmp_path / "bundle" / "training_log.jsonl").read_text().splitlines()}
+    assert stages == set(RECIPE["LATE"])
+    assert json.loads((tmp_path / "bundle" / "config.json").read_text())["num_time_tokens"] == 17
+    # Table 10 in miniature, from the same stage-8 checkpoint and the stage-9 data
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # its `common`, as when run as a script
+    code = _run_script(REPO / "benchmarks" / "ablation_time_tokens.py",
+                       ["--mode", "smoke", "--base", str(out / "stage8_joint_sft" / "final"), "--data",
+                        str(late / "data"), "--run", str(tmp_path / "t10"), "--no-progress"])
+    assert code == 0
+    results = json.loads((tmp_path / "t10" / "results.json").read_text())
+    assert {k: sorted(v) for k, v in results["variants"].items()} == {
+        "time tokens + soft CE": ["0", "1"], "time tokens + hard CE": ["0", "1"], "decimal text": ["0", "1"]}
+    assert (tmp_path / "t10" / "table10.png").is_file() and "decimal text" in (tmp_path / "t10" / "table10.md").read_text()
+    code = _run_script(REPO / "benchmarks" / "ablation_time_tokens.py",  # durations drawn per clip
+                       ["--mode", "smoke", "--base", str(out / "stage8_joint_sft" / "final"), "--fps", "1,4",
+                        "--run", str(tmp_path / "t10fps"), "--seeds", "1", "--no-progress"])
+    assert code == 0
+    records = [json.loads(x) for x in (tmp_path / "t10fps" / "data" / "video_localize.jsonl").read_text().splitlines()]
+    assert {r["duration"] for r in records} <= {16.0, 4.0} and len({r["duration"] for r in records}) == 2
 
 
 @pytest.mark.slow

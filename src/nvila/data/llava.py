@@ -52,7 +52,8 @@ def read_records(path: Path) -> list[dict]:
 
 
 def to_conversation(record: dict, media_root: Path) -> list[dict]:
-    """A LLaVA record -> processor messages; media become parts of the first human turn.
+    """A LLaVA record -> processor messages; media become parts of the first human turn (a record's
+    ``fps``, the frame rate of its frame-directory video, goes on the video part).
 
     Raises:
         BadSample: no conversations, a first turn that is not human, an empty answer, missing media.
@@ -84,6 +85,9 @@ def to_conversation(record: dict, media_root: Path) -> list[dict]:
             path = Path(rel) if os.path.isabs(rel) else media_root / rel
             if not path.exists():
                 raise BadSample("missing media", str(path))
-            parts.append({"type": kind, kind: str(path)})
+            part = {"type": kind, kind: str(path)}
+            if kind == "video" and record.get("fps") is not None:
+                part["fps"] = record["fps"]  # a frame directory's frame rate (its duration for time tokens)
+            parts.append(part)
     first["content"] = parts + [{"type": "text", "text": first["content"]}]
     return messages

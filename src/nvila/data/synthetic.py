@@ -19,7 +19,9 @@ Contract:
 * Output is a pure function of ``(family, n, seed, size options)``: the same arguments give
   byte-identical JSONL and media. The image families (``fine_code`` and the ``coarse_*`` questions)
   draw scene ``i`` from ``(seed, i)`` alone, so for one seed they ask about the same images.
-* Answers come from small closed vocabularies (``ANSWER_VOCAB``), so exact match is a fair metric.
+* Answers come from small closed vocabularies (``ANSWER_VOCAB``), so exact match is a fair metric;
+  the localization family ``video_localize`` (``synthetic_localize``) answers ``"<start> <end>"`` in
+  seconds instead, scored by IoU.
 * Each family has its own eval split seed (``FAMILIES[name].eval_seed``), disjoint from the train
   seeds a recipe should use (small integers).
 
@@ -73,7 +75,9 @@ QUESTIONS = {
     "video_colour": "Which colour flashed?",
     "video_order": "In what order did the colours flash?",
     "video_count": "How many flashes were there?",
+    "video_localize": "When does the square appear?",
 }
+# The closed answer vocabularies of the exact-match families (``video_localize`` answers with timestamps).
 ANSWER_VOCAB: dict[str, list[str]] = {
     "fine_code": list(CODE_ALPHABET),  # an answer is a string of these characters
     "coarse_colour": list(COLOURS), "coarse_count": [str(k) for k in range(2, 7)], "coarse_shape": list(SHAPES),
@@ -412,12 +416,18 @@ def _video_sample(family: str, seed: int, i: int, media: Path, rel: str, opts: d
     return {"video": f"{rel}/{i:07d}", "scene": clip}, [clip_answer(family, clip)]
 
 
+def _localize_sample(*args) -> tuple[dict, list[str]]:
+    from .synthetic_localize import localize_sample  # the family's own module, built on this one
+
+    return localize_sample(*args)
+
+
 @dataclass(frozen=True)
 class Family:
     """One task family: its question, sample builder, default size options and eval seed."""
 
     name: str
-    kind: str  # "image" | "multi_image" | "video"
+    kind: str  # "image" | "multi_image" | "video" | "localization" (a video with a [start, end] answer)
     build: Callable[..., tuple[dict, list[str]]]
     defaults: dict = field(default_factory=dict)
     eval_seed: int = 0
@@ -431,13 +441,16 @@ _IMAGE = {"canvas": (1344, 1344), "code_length": 4, "glyph_scale": 1, "clutter":
           "code_repeat": (1, 1)}
 _COMPARE = {"canvas": (448, 448), "clutter": 10, "noise": 0.0, "max_shapes": 6, "largest": LARGEST}
 _VIDEO = {"frames": 64, "size": 32, "noise": 6.0, "flash": (3, 4), "min_gap": 8}
+# The bundled model's geometry (16 frames, 24 px): see synthetic_localize for the temporal resolution.
+_LOCALIZE = {"frames": 16, "fps": 2.0, "size": 24, "noise": 6.0, "slot": 2, "lengths": (2, 4)}
 
 _SPECS = [("fine_code", "image", _image_sample, _IMAGE), ("coarse_colour", "image", _image_sample, _IMAGE),
           ("coarse_count", "image", _image_sample, _IMAGE), ("coarse_shape", "image", _image_sample, _IMAGE),
           ("compare_count", "multi_image", _compare_sample, _COMPARE),
           ("compare_colour", "multi_image", _compare_sample, _COMPARE),
           ("video_colour", "video", _video_sample, _VIDEO), ("video_order", "video", _video_sample, _VIDEO),
-          ("video_count", "video", _video_sample, _VIDEO)]
+          ("video_count", "video", _video_sample, _VIDEO),
+          ("video_localize", "localization", _localize_sample, _LOCALIZE)]
 # Eval seeds: one per family, well above the small integers recipes use for training splits.
 FAMILIES: dict[str, Family] = {name: Family(name, kind, build, dict(defaults), eval_seed=10_007 + 101 * k)
                                for k, (name, kind, build, defaults) in enumerate(_SPECS)}
@@ -496,7 +509,9 @@ def generate(family: str, n: int, out_dir: str | os.PathLike, seed: int, *, spli
             fine_code only: each character drawn ``rx`` times and the row ``ry`` times); comparison:
             ``canvas``, ``clutter``, ``noise``, ``max_shapes`` (each image has 1 to it), ``largest``
             (the largest shape's side range, as fractions of the canvas side); video:
-            ``frames``, ``size``, ``noise``, ``flash`` (shortest, longest) and ``min_gap`` in frames.
+            ``frames``, ``size``, ``noise``, ``flash`` (shortest, longest) and ``min_gap`` in frames;
+            localization: ``frames``, ``fps``, ``size``, ``noise``, ``slot`` (frames of the interval
+            grid) and ``lengths`` (shortest, longest interval in slots).
     Returns:
         The JSONL path, ``out_dir/<split>.jsonl``.
     Raises:
@@ -514,7 +529,8 @@ def generate(family: str, n: int, out_dir: str | os.PathLike, seed: int, *, spli
     media = out / split
     media.mkdir(parents=True, exist_ok=True)
     path = out / f"{split}.jsonl"
-    markers = {"image": "<image>\n", "multi_image": "<image>\n<image>\n", "video": "<video>\n"}[fam.kind]
+    markers = {"image": "<image>\n", "multi_image": "<image>\n<image>\n", "video": "<video>\n",
+               "localization": "<video>\n"}[fam.kind]
     with path.open("w", encoding="utf-8") as f:
         for i in range(n):
             fields, (answer,) = fam.build(family, seed, i, media, split, opts)
@@ -546,10 +562,13 @@ def generate_eval_splits(families: list[str] | None, n: int, out_dir: str | os.P
 
 
 def corpus() -> list[str]:
-    """The synthetic language as tokenizer training text: every question, and every answer word both
+    """The synthetic language as tokenizer training text: every exact-match question, and every answer word both
     alone (as it starts an assistant turn) and after its question. Codes are left out, so digits stay
     one byte-level token each."""
-    lines = list(QUESTIONS.values())
+    # The exact-match families only: the localization answers are time tokens, and its question stays
+    # byte-level, so a fresh tokenizer keeps the bundled one's merges (at vocab 400 the extra
+    # question takes merges an answer word needs to stay one token).
+    lines = [QUESTIONS[family] for family in ANSWER_VOCAB]
     for family, words in ANSWER_VOCAB.items():
         lines += words
         lines += [f"{QUESTIONS[family]} {w}" for w in words]

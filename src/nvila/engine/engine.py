@@ -238,6 +238,7 @@ class Engine:
         self._prefixes = PrefixCache(int(self.config.prefix_cache_mib * 2**20))
         self._wake = threading.Condition()
         self._shutdown = False
+        self._fps_warned = False  # a video without a frame rate is reported once per engine, not per request
         self._thread = threading.Thread(target=self._loop, name="nvila-engine", daemon=True)
         self._thread.start()
 
@@ -282,7 +283,9 @@ class Engine:
         token = {"image": self.model.ids.image, "video": self.model.ids.video}
         positions = media_positions(inputs["input_ids"][0], [(token[i.kind], i.num_visual_tokens) for i in infos[0]])
         key = prompt_key(inputs["input_ids"][0], positions, digests) if self.config.prefix_cache_mib else None
-        duration = self.processor.time_token_duration(infos[0])  # None: the text keeps any time tokens
+        # None: the text keeps any time tokens
+        duration = self.processor.time_token_duration(infos[0], warn=not self._fps_warned)
+        self._fps_warned |= duration is not None and infos[0][0].duration_s is None
         cfg = self.model.config
         timer = None if duration is None else TimeTokenStream(duration, cfg.num_time_tokens, cfg.time_token_format)
         detok = _Detokenizer(self.processor.tokenizer, request.stop, timer)
