@@ -1,7 +1,7 @@
 """lmms-eval model plugin: ``lmms-eval --model nvila --model_args pretrained=PATH[,...] --tasks ...``.
 
 Registration: lmms-eval (>= 0.6) reads the Python entry-point group ``lmms_eval.models``; our
-``pyproject.toml`` declares ``nvila = "nvila.lmms:MANIFEST"`` there, so installing nvila next to
+``pyproject.toml`` declares ``nvila = "nvila.lmms:manifest"`` there, so installing nvila next to
 lmms-eval is all it takes (no fork, no ``LMMS_EVAL_PLUGINS``). The manifest offers two classes
 under one name, as lmms-eval's registry (``ModelManifest``) allows:
 
@@ -17,7 +17,8 @@ under one name, as lmms-eval's registry (``ModelManifest``) allows:
 ``loglikelihood`` (both classes) scores a continuation on the model's logits: the context becomes
 one user turn (media first) under the checkpoint's chat template with the generation prompt, the
 continuation's tokens follow, and one ``NVILAForConditionalGeneration.forward`` gives their summed
-log-probability and whether each is the argmax.
+log-probability and whether each is the argmax. lmms-eval receives the negative of that sum (its
+multiple-choice scorer takes the argmin; see ``loglikelihood``).
 
 ``model_args``: ``pretrained`` (a checkpoint directory in either layout or a Hub id; default the
 bundled SynthVILA model), ``max_tiles``, ``num_frames``, ``fps`` (processor overrides),
@@ -34,13 +35,18 @@ from collections import deque
 from typing import Any
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from PIL import Image
 
-MANIFEST = ModelManifest(model_id="nvila", chat_class_path="nvila.lmms.NVILA",
-                         simple_class_path="nvila.lmms.NVILASimple")
+
+def manifest():
+    """The entry point's payload: both classes under the name ``nvila``. A function, so that importing
+    this module does not import ``lmms_eval.models``, whose package init loads the entry points."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="nvila", chat_class_path="nvila.lmms.NVILA", simple_class_path="nvila.lmms.NVILASimple")
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -146,10 +152,19 @@ class _NVILABase(lmms):
         raise NotImplementedError("nvila does not implement generate_until_multi_round")
 
     # ------------------------------------------------------------------------------- likelihood
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """``(sum of log p(continuation tokens), all greedy)`` per request.
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """``(negative log-likelihood of the continuation, all its tokens greedy)`` per request, each
+        wrapped in a ``GenerationResult`` as its ``text``. Two departures from lmms-eval's docstring,
+        both to match what its evaluator (0.7.3) does:
 
-        Request args (lmms-eval's simple protocol): ``(context, continuation or doc_to_target,
+        * the first value is ``-log p(continuation)`` (>= 0, lower is better): lmms-eval's
+          ``multiple_choice`` scorer picks the choice with the *smallest* value (``np.argmin``,
+          because its own models return a loss; lmms-eval issue #370);
+        * the wrapping: the evaluator passes every model output through ``unwrap_generation_output``,
+          which keeps a ``GenerationResult``'s ``text`` as it is but turns a bare ``(float, bool)``
+          tuple into its string, which ``multiple_choice`` scoring cannot unpack.
+
+        Request args (the simple protocol): ``(context, continuation or doc_to_target,
         doc_to_visual, doc_id, task, split)``.
         """
         out = []
@@ -160,7 +175,8 @@ class _NVILABase(lmms):
                 continuation = continuation(doc)
             visuals = doc_to_visual(doc) if doc_to_visual is not None else []
             parts = [_visual_part(v) for v in visuals or []] + [{"type": "text", "text": context}]
-            out.append(self._score([{"role": "user", "content": parts}], str(continuation)))
+            logp, greedy = self._score([{"role": "user", "content": parts}], str(continuation))
+            out.append(GenerationResult(text=(-logp, greedy)))
         return out
 
     @torch.inference_mode()

@@ -61,6 +61,27 @@ metric_list:
     higher_is_better: true
 """
 
+# The same records as a multiple-choice task: each family's answers are the choices; lmms-eval ranks
+# them by loglikelihood (``--force_simple``: it builds such requests only for simple models).
+MC_TASK_YAML = """\
+task: {task}_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: !function utils.doc_to_text
+doc_to_choice: choices
+doc_to_target: target
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
 TASK_UTILS = '''\
 """The local SynthVILA task: records -> lmms-eval messages; nvila eval's exact-match rule."""
 from nvila.eval import normalise
@@ -97,36 +118,42 @@ def write_task(tmp: Path, per_family: int = 2) -> tuple[Path, Path]:
                      "video": str(records_file.parent / r["video"]) if r.get("video") else "",
                      "question": turns[0]["value"].replace("<image>", "").replace("<video>", "").strip(),
                      "answer": turns[1]["value"]})
+    for row in rows:
+        row["choices"] = sorted({r["answer"] for r in rows if r["family"] == row["family"]} | {"none"})
+        row["target"] = row["choices"].index(row["answer"])
     task_dir = tmp / "task"
     task_dir.mkdir()
     data = task_dir / "data.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     (task_dir / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data), encoding="utf-8")
+    (task_dir / f"{TASK}_mc.yaml").write_text(MC_TASK_YAML.format(task=TASK, data=data), encoding="utf-8")
     (task_dir / "utils.py").write_text(TASK_UTILS, encoding="utf-8")
     return task_dir, records_file
 
 
-def run_lmms_eval(model: str, model_args: str, task_dir: Path, out: Path, *extra: str) -> tuple[float, dict[str, str]]:
-    """``python -m lmms_eval`` offline -> (the task's exact_match, {record id: answer})."""
+def run_lmms_eval(model: str, model_args: str, task_dir: Path, out: Path, *extra: str, task: str = TASK,
+                  metric: str = "exact_match") -> tuple[float, dict[str, str]]:
+    """``python -m lmms_eval`` offline -> (the task's ``metric``, {record id: answer})."""
     env = {**os.environ, "HF_HOME": str(out / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(task_dir), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", TASK,
+    cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", task,
            "--include_path", str(task_dir), "--output_path", str(out), "--log_samples", "--verbosity", "WARNING", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out, timeout=600)
     log = proc.stdout[-3000:] + proc.stderr[-6000:]
     found = list(out.rglob("*_results.json"))  # lmms-eval logs an evaluation error and still exits 0
     assert proc.returncode == 0 and "Error during evaluation" not in proc.stderr and len(found) == 1, log
     results = json.loads(found[0].read_text())
-    accuracy = results["results"][TASK]["exact_match,none"]
+    accuracy = results["results"][task][f"{metric},none"]
     ids = [json.loads(line)["id"] for line in (task_dir / "data.jsonl").read_text().splitlines()]
-    samples = [json.loads(line) for p in out.rglob(f"*samples_{TASK}*.jsonl") for line in p.read_text().splitlines()]
+    samples = [json.loads(line) for p in out.rglob(f"*samples_{task}.jsonl") for line in p.read_text().splitlines()]
     answers = {ids[s["doc_id"]]: _text(s["filtered_resps"]) for s in samples}
     return accuracy, answers
 
 
-def _text(resps) -> str:
-    """The answer in a logged sample's ``filtered_resps`` (a string, or nested lists of one)."""
-    while isinstance(resps, list):
+def _text(resps):
+    """The answer in a logged sample's ``filtered_resps`` (a string, or nested lists of one); for a
+    multiple-choice task, the list of per-choice responses."""
+    while isinstance(resps, list) and len(resps) == 1:
         resps = resps[0]
     return resps
 
@@ -218,7 +245,8 @@ def test_loglikelihood_scores_the_engines_greedy_answer(simple_model, tmp_path):
 @pytest.mark.slow
 def test_loglikelihood_requests_in_lmms_evals_simple_protocol(simple_model, tmp_path):
     """``loglikelihood`` reads lmms-eval's (context, continuation, doc_to_visual, doc_id, task, split)
-    requests, media first, and one continuation's score is its tokens' (a multiple-choice ranking)."""
+    requests, media first, and answers each with its continuation's negative log-likelihood (lmms-eval
+    ranks multiple choices by the smallest)."""
     from lmms_eval.api.instance import Instance
     from PIL import Image
 
@@ -227,7 +255,31 @@ def test_loglikelihood_requests_in_lmms_evals_simple_protocol(simple_model, tmp_
     visual = lambda doc: [doc["image"]]  # noqa: E731
     requests = [Instance("loglikelihood", ("Colour?", f" {c}", visual, 0, "t", "test"), i,
                          {"task": "t", "doc_id": 0, "repeats": 1}) for i, c in enumerate(["blue", "red"])]
-    scores = simple_model.loglikelihood(requests)
+    scores = [r.text for r in simple_model.loglikelihood(requests)]  # (-log p, greedy) in a GenerationResult
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
-    assert scores == [simple_model._score(messages, " blue"), simple_model._score(messages, " red")]
-    assert all(isinstance(s, float) and s < 0 and isinstance(g, bool) for s, g in scores)
+    expected = [simple_model._score(messages, " blue"), simple_model._score(messages, " red")]
+    assert scores == [(-logp, greedy) for logp, greedy in expected]
+    assert all(isinstance(s, float) and s > 0 and isinstance(g, bool) for s, g in scores)
+
+
+@pytest.mark.slow
+def test_multiple_choice_task_ranks_choices_by_the_plugins_loglikelihood(task, tmp_path):
+    """A multiple-choice task runs with ``--force_simple``: lmms-eval's accuracy is that of ranking each
+    record's choices by the plugin's scores, computed here in process."""
+    from nvila.lmms import NVILASimple
+
+    task_dir, _ = task
+    accuracy, _ = run_lmms_eval("nvila", "device=cpu", task_dir, tmp_path, "--force_simple", "--batch_size", "4",
+                                task=f"{TASK}_mc", metric="acc")
+    model = NVILASimple(device="cpu")  # the bundled model, as pretrained= left out above
+    rows = [json.loads(line) for line in (task_dir / "data.jsonl").read_text().splitlines()]
+    hits = []
+    for row in rows:
+        parts = ([{"type": "image", "image": p} for p in row["images"]]
+                 + ([{"type": "video", "video": row["video"]}] if row["video"] else [])
+                 + [{"type": "text", "text": row["question"]}])
+        scores = [model._score([{"role": "user", "content": parts}], c)[0] for c in row["choices"]]
+        hits.append(max(range(len(scores)), key=scores.__getitem__) == row["target"])
+    model.engine.shutdown()
+    assert accuracy == pytest.approx(sum(hits) / len(hits), abs=1e-12)
+    assert accuracy > 0
