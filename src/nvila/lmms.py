@@ -22,10 +22,10 @@ multiple-choice scorer takes the argmin; see ``loglikelihood``).
 
 ``model_args``: ``pretrained`` (a checkpoint directory in either layout or a Hub id; default the
 bundled SynthVILA model), ``max_tiles``, ``num_frames``, ``fps`` (processor overrides),
-``max_new_tokens`` (default when the task sets none:
-16), ``device`` (default cuda if available), ``dtype`` (float32|bfloat16|float16). Nothing is
-downloaded for a local checkpoint; the task's own data loading decides the rest. lmms-eval's
-``--batch_size N`` (its default: 1) sets the engine's slots: N answers decode together.
+``max_new_tokens`` (default when the task sets none: 16), ``device`` (default cuda if available),
+``dtype`` (float32|bfloat16|float16). Nothing is downloaded for a local checkpoint; the task's own
+data loading decides the rest. lmms-eval's ``--batch_size N`` (its default: 1) sets the engine's
+slots: N answers decode together.
 """
 
 from __future__ import annotations
@@ -39,13 +39,17 @@ from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 
+from nvila.bundled import default_model_path
+from nvila.engine import Engine, EngineConfig, GenerationRequest
+
 
 def manifest():
     """The entry point's payload: both classes under the name ``nvila``. A function, so that importing
     this module does not import ``lmms_eval.models``, whose package init loads the entry points."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return ModelManifest(model_id="nvila", chat_class_path="nvila.lmms.NVILA", simple_class_path="nvila.lmms.NVILASimple")
+    return ModelManifest(model_id="nvila", chat_class_path="nvila.lmms.NVILA",
+                         simple_class_path="nvila.lmms.NVILASimple")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -98,9 +102,6 @@ class _NVILABase(lmms):
                  fps: float | None = None, batch_size: int | str = 8, max_new_tokens: int = 16,
                  device: str | None = None, dtype: str = "float32", **unknown: Any) -> None:
         super().__init__()
-        from nvila.bundled import default_model_path
-        from nvila.engine import Engine, EngineConfig
-
         if unknown:
             raise ValueError(f"unknown nvila model_args {sorted(unknown)}; valid: pretrained, max_tiles, num_frames, "
                              "fps, batch_size, max_new_tokens, device, dtype")
@@ -127,26 +128,24 @@ class _NVILABase(lmms):
     # ------------------------------------------------------------------------------- generation
     def _generate(self, conversations: list[list[dict]], gen_kwargs: list[dict]) -> list[str]:
         """Answer each conversation through the engine, at most ``2 * batch_size`` queued at a time."""
-        from nvila.engine import GenerationRequest
-
         answers: list[str] = [""] * len(conversations)
         pending: deque = deque()  # (index, handle), oldest first
         for i, (messages, kw) in enumerate(zip(conversations, gen_kwargs)):
-            pending.append((i, self.engine.submit(self._request(GenerationRequest, messages, kw))))
+            pending.append((i, self.engine.submit(self._request(messages, kw))))
             while len(pending) > 2 * self.batch_size or (pending and i + 1 == len(conversations)):
                 j, handle = pending.popleft()
                 answers[j] = handle.text()
         return answers
 
-    def _request(self, request_cls, messages: list[dict], kw: dict):
+    def _request(self, messages: list[dict], kw: dict) -> GenerationRequest:
         """lmms-eval ``generation_kwargs`` -> a ``GenerationRequest``: ``until`` stop strings,
         ``max_new_tokens``, sampling only when ``do_sample`` or ``temperature > 0``."""
         until = kw.get("until") or []
         temperature = float(kw.get("temperature") or 0.0)
         do_sample = bool(kw.get("do_sample")) or temperature > 0
-        return request_cls(messages=messages, max_tokens=int(kw.get("max_new_tokens") or self.max_new_tokens),
-                           stop=[until] if isinstance(until, str) else list(until), do_sample=do_sample,
-                           temperature=temperature if do_sample else 1.0, top_p=float(kw.get("top_p") or 1.0))
+        return GenerationRequest(messages=messages, max_tokens=int(kw.get("max_new_tokens") or self.max_new_tokens),
+                                 stop=[until] if isinstance(until, str) else list(until), do_sample=do_sample,
+                                 temperature=temperature if do_sample else 1.0, top_p=float(kw.get("top_p") or 1.0))
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("nvila does not implement generate_until_multi_round")

@@ -134,10 +134,12 @@ def write_task(tmp: Path, per_family: int = 2) -> tuple[Path, Path]:
 def run_lmms_eval(model: str, model_args: str, task_dir: Path, out: Path, *extra: str, task: str = TASK,
                   metric: str = "exact_match") -> tuple[float, dict[str, str]]:
     """``python -m lmms_eval`` offline -> (the task's ``metric``, {record id: answer})."""
+    pythonpath = os.pathsep.join(filter(None, [str(task_dir), os.environ.get("PYTHONPATH")]))  # the task's utils.py
     env = {**os.environ, "HF_HOME": str(out / "hf"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(task_dir), os.environ.get("PYTHONPATH")]))}
+           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": pythonpath}
     cmd = [sys.executable, "-m", "lmms_eval", "--model", model, "--model_args", model_args, "--tasks", task,
-           "--include_path", str(task_dir), "--output_path", str(out), "--log_samples", "--verbosity", "WARNING", *extra]
+           "--include_path", str(task_dir), "--output_path", str(out), "--log_samples", "--verbosity", "WARNING",
+           *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=out, timeout=600)
     log = proc.stdout[-3000:] + proc.stderr[-6000:]
     found = list(out.rglob("*_results.json"))  # lmms-eval logs an evaluation error and still exits 0
