@@ -23,7 +23,10 @@ STAMP_FULL := $(VENV)/.stamp-full
 # that the project's plain `torch>=...` requirement is already satisfied and pip never resolves
 # (and downloads) a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,video,serve,train
+EXTRAS ?= dev,video,serve,train,eval
+# lmms-eval, installed without its declared dependencies when EXTRAS has `eval` (see pyproject.toml's
+# eval extra for why); the extra lists what it imports.
+LMMS_EVAL_VERSION ?= 0.7.3
 PYTEST_ARGS ?=
 ARGS ?=
 
@@ -59,6 +62,10 @@ $(STAMP_CORE): pyproject.toml
 
 $(STAMP_FULL): pyproject.toml
 	$(call install_venv,-e '.[$(EXTRAS)]')
+	@if echo ",$(EXTRAS)," | grep -q ",eval,"; then \
+		echo "installing lmms-eval==$(LMMS_EVAL_VERSION) (--no-deps)"; \
+		$(call quiet_pip,--no-deps lmms-eval==$(LMMS_EVAL_VERSION)); \
+	fi
 	@touch $@ $(STAMP_CORE)
 
 test: venv

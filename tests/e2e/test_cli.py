@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import struct
 import subprocess
 import sys
@@ -247,6 +248,13 @@ def test_convert_bad_input_is_one_line(capsys, tiny_checkpoints, tmp_path):
     assert_bad_input(*run(capsys, ["convert", "--to", "hf", tiny_checkpoints["nvila"], tmp_path / "full"]))
     assert_bad_input(*run(capsys, ["convert", "--to", "vila", tmp_path / "neither", tmp_path / "out"]))
     assert_bad_input(*run(capsys, ["convert", "--to", "gguf", tiny_checkpoints["nvila"], tmp_path / "out"]))
+
+
+def test_hf_checkpoint_with_a_missing_shard_is_one_line(capsys, tiny_hf_checkpoints, tmp_path):
+    hf = shutil.copytree(tiny_hf_checkpoints["nvila-lite"], tmp_path / "hf")
+    sorted(hf.glob("model-*.safetensors"))[-1].unlink()
+    assert_bad_input(*run(capsys, ["infer", "--model", hf, "--text", "hi", *FAST]))
+    assert_bad_input(*run(capsys, ["convert", "--to", "vila", hf, tmp_path / "out"]))
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -79,6 +79,8 @@ def test_messages_reach_the_engine_in_the_processor_format(client, fake_engine):
       "stop": ["a", "b"], "num_video_frames": 16},
      dict(max_tokens=9, do_sample=True, temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.1, stop=["a", "b"],
           options={"num_video_frames": 16})),
+    ({"media_io_kwargs": {"video": {"num_frames": 12}}}, dict(options={"num_video_frames": 12})),  # vLLM's spelling
+    ({"media_io_kwargs": {"video": {"num_frames": 12}}, "num_video_frames": 12}, dict(options={"num_video_frames": 12})),
 ])
 def test_sampling_parameters_map_onto_the_generation_request(client, fake_engine, params, expected):
     r = client.post(CHAT, json={"messages": [{"role": "user", "content": "x"}], **params})

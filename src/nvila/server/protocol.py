@@ -6,7 +6,8 @@ Requests are validated strictly (unknown fields are a 400, as OpenAI does), with
   with an optional ``fps``: the frame rate of a video given as frames (time-token checkpoints answer
   in seconds of the video, and frames carry no rate of their own);
 * request fields ``top_k``, ``repetition_penalty`` (as vLLM names them) and ``num_video_frames``
-  (frames sampled per video; at most the server's limit);
+  (frames sampled per video; at most the server's limit), also accepted in vLLM's form
+  ``media_io_kwargs: {"video": {"num_frames": N}}`` (what lmms-eval's OpenAI model sends);
 * ``usage.visual_tokens``: visual tokens per medium, in prompt order.
 
 ``logprobs`` / ``top_logprobs`` (0..20) and ``response_format`` (``text``, ``json_object``,
@@ -105,6 +106,16 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class VideoIOKwargs(_Strict):
+    num_frames: int = Field(ge=1)
+
+
+class MediaIOKwargs(_Strict):
+    """vLLM's per-request media loading options; of them, only the video frame count."""
+
+    video: VideoIOKwargs | None = None
+
+
 class TextFormat(_Strict):
     type: Literal["text"]
 
@@ -152,7 +163,8 @@ class ChatCompletionRequest(_Strict):
       to its own generator state);
     * ``n`` in [1, 128], as OpenAI (only 1 is served);
     * ``stop``: at most 4 sequences of at most 256 characters each;
-    * ``num_video_frames`` >= 1;
+    * ``num_video_frames`` >= 1, or ``media_io_kwargs.video.num_frames`` (vLLM's spelling; if both
+      are given they must agree);
     * ``top_logprobs`` in [0, 20], as OpenAI (the app refuses it without ``logprobs: true``).
     """
 
@@ -172,6 +184,7 @@ class ChatCompletionRequest(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     num_video_frames: int | None = Field(default=None, ge=1)
+    media_io_kwargs: MediaIOKwargs | None = None
     user: str | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -187,6 +200,17 @@ class ChatCompletionRequest(_Strict):
         if longest > MAX_STOP_CHARS:
             raise ValueError(f"a stop sequence has at most {MAX_STOP_CHARS} characters, got one of {longest}")
         return stop
+
+    @model_validator(mode="after")
+    def _one_frame_count(self) -> "ChatCompletionRequest":
+        """``media_io_kwargs.video.num_frames`` becomes ``num_video_frames``; two different counts are an error."""
+        video = self.media_io_kwargs.video if self.media_io_kwargs else None
+        if video is not None:
+            if self.num_video_frames not in (None, video.num_frames):
+                raise ValueError(f"num_video_frames={self.num_video_frames} and media_io_kwargs.video.num_frames="
+                                 f"{video.num_frames} disagree")
+            self.num_video_frames = video.num_frames
+        return self
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
