@@ -179,23 +179,28 @@ def prune_all(run: Path, large: Path, small: Path, pool: Path, seeds: list[int],
 
 
 def kept_mislabelled(mixture: Path, mislabelled: dict[str, set[int]], pool_size: int) -> dict:
-    """How many records and how many mislabelled records of each noisy family ``mixture`` keeps."""
+    """How many records ``mixture`` keeps, and how many mislabelled ones per noisy family."""
     import yaml
 
-    entries = yaml.safe_load(mixture.read_text())["datasets"]
-    out = {"kept": 0, "mislabelled_kept": 0}
-    for e in entries:
+    out = {"kept": 0, "mislabelled_kept": {f: 0 for f in mislabelled}, "shape_answers": {}}
+    for e in yaml.safe_load(mixture.read_text())["datasets"]:
         drop = set(json.loads((mixture.parent / e["drop"]).read_text())) if e.get("drop") else set()
         keep = set(range(pool_size)) - drop
         out["kept"] += len(keep)
-        out["mislabelled_kept"] += len(keep & mislabelled.get(e["name"], set()))
+        if e["name"] in mislabelled:
+            out["mislabelled_kept"][e["name"]] = len(keep & mislabelled[e["name"]])
+        if e["name"] == "coarse_shape":  # the kept records' answers (as labelled): does a method skew the prior?
+            lines = (mixture.parent / e["path"]).read_text(encoding="utf-8").splitlines()
+            answers = [json.loads(lines[i])["conversations"][1]["value"] for i in sorted(keep)]
+            out["shape_answers"] = {a: answers.count(a) for a in sorted(set(answers))}
     return out
 
 
 # ----------------------------------------------------------------------------------------- report
 def to_markdown(results: dict) -> str:
     fams = list(POOL)
-    head = "| model / fine-tune data | records | mislabelled kept | " + " | ".join(fams) + " | mean |"
+    noisy = " + ".join(f.split("_")[1] for f in NOISY)
+    head = f"| model / fine-tune data | records | mislabelled kept ({noisy}) | " + " | ".join(fams) + " | mean (per seed) |"
     lines = [head, "|---|---:|---:|" + "---:|" * (len(fams) + 1)]
     for name, r in results["reference"].items():
         lines.append(f"| {name} (no fine-tune) | | | " + " | ".join(f"{r['per_family'][f]:.2f}" for f in fams)
@@ -203,9 +208,12 @@ def to_markdown(results: dict) -> str:
     for name, r in results["finetunes"].items():
         per = " | ".join(f"{statistics.mean(r['per_family'][f]):.2f}" for f in fams)
         spread = f" ({', '.join(f'{m:.3f}' for m in r['mean_by_seed'])})"
-        mis = "/".join(str(m) for m in sorted(set(r["mislabelled_kept"])))
+        mis = " / ".join(sorted({" + ".join(str(m[f]) for f in NOISY) + f" = {sum(m.values())}"
+                                 for m in r["mislabelled_kept"]}))
         lines.append(f"| {name} | {r['records']} | {mis} of {results['mislabelled_total']} | {per} | "
                      f"{statistics.mean(r['mean_by_seed']):.3f}{spread} |")
+    lines += ["", "coarse_shape records kept, by labelled answer (seed 0): " + "; ".join(
+        f"{name} {r['shape_answers_kept'][0]}" for name, r in results["finetunes"].items() if r["shape_answers_kept"][0])]
     return "\n".join(lines) + "\n"
 
 
@@ -215,7 +223,7 @@ def plot(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.4), gridspec_kw={"width_ratios": [3, 2, 1.6]})
     names = list(results["finetunes"])
     fams = list(POOL)
     w = 0.8 / len(names)
@@ -231,10 +239,10 @@ def plot(results: dict, path: Path) -> Path:
                        label=ref if i == 0 else None)
     a.set_xticks(range(len(fams)), [f.replace("_", "\n") + ("\n(30% noisy)" if f in NOISY else "") for f in fams],
                  fontsize=8)
-    a.set_ylim(0, 1.05)
+    a.set_ylim(0, 1.2)
     a.set_ylabel("held-out exact match (mean over seeds)")
     a.set_title("per family")
-    a.legend(fontsize=7, ncol=2)
+    a.legend(fontsize=6, ncol=4, loc="upper center")
     series = {"DeltaLoss": [("full pool", 1.0), ("DeltaLoss 50%", 0.5), ("DeltaLoss 30%", 0.3), ("DeltaLoss 10%", 0.1)],
               "random": [("full pool", 1.0), ("random 50%", 0.5)], "cluster": [("full pool", 1.0), ("cluster 50%", 0.5)]}
     for label, pts in series.items():
@@ -247,6 +255,15 @@ def plot(results: dict, path: Path) -> Path:
     b.set_ylabel("mean held-out exact match (bars: seed range)")
     b.set_title("Table 3 analogue: mean over the pool families")
     b.legend(fontsize=7)
+    bottom = [0.0] * len(names)
+    for f in NOISY:
+        vals = [statistics.mean(m[f] for m in results["finetunes"][n]["mislabelled_kept"]) for n in names]
+        c.bar(range(len(names)), vals, bottom=bottom, label=f)
+        bottom = [x + v for x, v in zip(bottom, vals)]
+    c.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=7)
+    c.set_ylabel(f"mislabelled records kept (of {results['mislabelled_total']})")
+    c.set_title("misleading samples kept")
+    c.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -362,13 +379,12 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             res = evaluated(finals[f"{name}|{seed}"], f"{name}|{seed}")
             rows.append((seed, {f: res["families"][f]["accuracy"] for f in POOL},
-                         kept_mislabelled(mixtures[(name, seed)], sets["mislabelled"], pool_size)
-                         if name != "full pool" else {"kept": pool_size * len(POOL),
-                                                      "mislabelled_kept": sum(map(len, sets["mislabelled"].values()))},
+                         kept_mislabelled(mixtures[(name, seed)], sets["mislabelled"], pool_size),
                          stage_seconds(finals[f"{name}|{seed}"])))
         finetunes[name] = {"seeds": seeds, "per_family": {f: [r[1][f] for r in rows] for f in POOL},
                            "mean_by_seed": [statistics.mean(r[1].values()) for r in rows],
                            "records": rows[0][2]["kept"], "mislabelled_kept": [r[2]["mislabelled_kept"] for r in rows],
+                           "shape_answers_kept": [r[2]["shape_answers"] for r in rows],
                            "train_s": [r[3] for r in rows]}
     if "report" not in phases:
         return 0
