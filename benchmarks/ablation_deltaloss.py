@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import platform
 import shlex
 import shutil
@@ -49,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent / "recipes" / "synthvila"
 sys.path.insert(0, str(HERE))
 
-# The pool: two families both models answer (too easy), four the large model answers better.
+# The pool: two families both models answer (too easy), four harder ones (RESULTS.md has each model's scores).
 POOL = ("coarse_colour", "video_colour", "coarse_shape", "compare_colour", "compare_count", "video_order")
 NOISY = ("coarse_shape", "compare_colour")  # families whose pool records are partly mislabelled
 NOISE = 0.3
@@ -62,7 +61,8 @@ MODES = {
     "smoke": dict(small_train=4, pool=10, eval=2, small_steps=2, finetune_steps=2, batch=4),
 }
 FINETUNE_YAML = RECIPES / "stage8_joint_sft.yaml"
-FINETUNE_OVERRIDES = ["model.vision=frozen", "optim.lr.vision=0.0"]  # the shared ViT stays as it is (and steps are cheaper)
+# the shared ViT stays as it is (and the steps are cheaper)
+FINETUNE_OVERRIDES = ["model.vision=frozen", "optim.lr.vision=0.0"]
 log = logging.getLogger("ablation_deltaloss")
 
 
@@ -200,7 +200,8 @@ def kept_mislabelled(mixture: Path, mislabelled: dict[str, set[int]], pool_size:
 def to_markdown(results: dict) -> str:
     fams = list(POOL)
     noisy = " + ".join(f.split("_")[1] for f in NOISY)
-    head = f"| model / fine-tune data | records | mislabelled kept ({noisy}) | " + " | ".join(fams) + " | mean (per seed) |"
+    head = (f"| model / fine-tune data | records | mislabelled kept ({noisy}) | " + " | ".join(fams)
+            + " | mean (per seed) |")
     lines = [head, "|---|---:|---:|" + "---:|" * (len(fams) + 1)]
     for name, r in results["reference"].items():
         lines.append(f"| {name} (no fine-tune) | | | " + " | ".join(f"{r['per_family'][f]:.2f}" for f in fams)
@@ -212,8 +213,8 @@ def to_markdown(results: dict) -> str:
                                  for m in r["mislabelled_kept"]}))
         lines.append(f"| {name} | {r['records']} | {mis} of {results['mislabelled_total']} | {per} | "
                      f"{statistics.mean(r['mean_by_seed']):.3f}{spread} |")
-    lines += ["", "coarse_shape records kept, by labelled answer (seed 0): " + "; ".join(
-        f"{name} {r['shape_answers_kept'][0]}" for name, r in results["finetunes"].items() if r["shape_answers_kept"][0])]
+    kept = [f"{name} {r['shape_answers_kept'][0]}" for name, r in results["finetunes"].items()]
+    lines += ["", "coarse_shape records kept, by labelled answer (seed 0): " + "; ".join(kept)]
     return "\n".join(lines) + "\n"
 
 
@@ -243,8 +244,10 @@ def plot(results: dict, path: Path) -> Path:
     a.set_ylabel("held-out exact match (mean over seeds)")
     a.set_title("per family")
     a.legend(fontsize=6, ncol=4, loc="upper center")
-    series = {"DeltaLoss": [("full pool", 1.0), ("DeltaLoss 50%", 0.5), ("DeltaLoss 30%", 0.3), ("DeltaLoss 10%", 0.1)],
-              "random": [("full pool", 1.0), ("random 50%", 0.5)], "cluster": [("full pool", 1.0), ("cluster 50%", 0.5)]}
+    series = {"DeltaLoss": [("full pool", 1.0), ("DeltaLoss 50%", 0.5), ("DeltaLoss 30%", 0.3),
+                            ("DeltaLoss 10%", 0.1)],
+              "random": [("full pool", 1.0), ("random 50%", 0.5)],
+              "cluster": [("full pool", 1.0), ("cluster 50%", 0.5)]}
     for label, pts in series.items():
         pts = [(keep, results["finetunes"][n]["mean_by_seed"]) for n, keep in pts if n in results["finetunes"]]
         b.errorbar([p[0] for p in pts], [statistics.mean(p[1]) for p in pts],
