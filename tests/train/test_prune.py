@@ -225,3 +225,39 @@ def test_two_ranks_score_shards_that_merge_into_the_same_selection(setup, tmp_pa
     for name in ("shapes", "text"):
         assert (out / "filter_index/0.5" / f"{name}.json").read_text() == \
             (ref / "filter_index/0.5" / f"{name}.json").read_text()
+
+
+@pytest.mark.slow
+def test_table3_miniature_smoke(tmp_path):
+    """benchmarks/ablation_deltaloss.py end to end at smoke size on the bundled model: the pool's
+    mislabelled records, the cut small model, six fine-tune datasets x two seeds, the report."""
+    import runpy
+
+    script = REPO / "benchmarks" / "ablation_deltaloss.py"
+    run = tmp_path / "dl"
+    old = sys.argv
+    sys.argv = [str(script), "--mode", "smoke", "--run", str(run), "--no-progress"]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = old
+    assert exc.value.code == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["params"]["small"]["llm_layers"] == 2 < results["params"]["large"]["llm_layers"]
+    # 30 % of the 10 pool records of each of the two noisy families carry a wrong answer
+    bad = json.loads((run / "data" / "pool" / "mislabelled.json").read_text())
+    assert {f: len(v) for f, v in bad.items()} == {"coarse_shape": 3, "compare_colour": 3}
+    for fam, indices in bad.items():
+        records = read_records(run / "data" / "pool" / f"{fam}.jsonl")
+        for i, r in enumerate(records):
+            wrong = r["conversations"][1]["value"] != r["meta"].get("true_answer", r["conversations"][1]["value"])
+            assert wrong == (i in indices) == bool(r["meta"].get("mislabelled"))
+    ft = results["finetunes"]
+    assert list(ft) == ["full pool", "DeltaLoss 50%", "random 50%", "cluster 50%", "DeltaLoss 30%", "DeltaLoss 10%"]
+    assert [ft[k]["records"] for k in ft] == [60, 30, 30, 30, 18, 6]  # ceil(keep * 10) of each of 6 families
+    assert ft["full pool"]["mislabelled_kept"] == [{"coarse_shape": 3, "compare_colour": 3}] * 2
+    assert all(len(r["mean_by_seed"]) == 2 and 0 <= min(r["mean_by_seed"]) <= max(r["mean_by_seed"]) <= 1
+               for r in ft.values())
+    assert (run / "ablation_deltaloss.png").stat().st_size > 1000
+    assert "DeltaLoss 10%" in (run / "ablation_deltaloss.md").read_text()
