@@ -268,6 +268,7 @@ def test_smoke_each_precision_trains_and_infers(tiny_ckpts, fp8_data, tmp_path, 
     assert main(args) == 0
     losses = [m["loss"] for m in _metrics(out)]
     assert len(losses) == 10 and losses[-1] < losses[0], losses
+    assert all(m["saved_bytes"] > 0 for m in _metrics(out))  # measured per step (saved-tensor hooks)
     image = next((fp8_data.parent / "images").glob("*.png"))
     assert nvila_main(["infer", "--model", str(out / "checkpoint-0000010"), "--media", str(image),
                        "--text", "Describe the image.", "--max-new-tokens", "4", "--threads", "1"]) == 0
