@@ -67,6 +67,8 @@ def one_step(shape: str, layers: int, precision: str, optim: str, batch: int, se
     torch.manual_seed(0)
     with torch.device(device):
         llm = build_llm(cfg)
+    if precision == "bf16":  # the trainer's model.dtype=bfloat16: weights, gradients and AdamW moments in bf16
+        llm.to(torch.bfloat16)
     swapped = apply_precision(llm, precision, min_features)
     llm.train()
     params = list(llm.parameters())
@@ -81,7 +83,7 @@ def one_step(shape: str, layers: int, precision: str, optim: str, batch: int, se
     t0 = time.perf_counter()
     with SavedBytes(llm) as saved:
         logits = llm(input_ids=ids).logits  # (B, T, V)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())  # float32 loss
     loss.backward()
     opt.step()
     if cuda:
@@ -132,7 +134,9 @@ def main() -> None:
     ap.add_argument("--compose-depth", type=int, default=None, help="depth to compose to (default: the shape's)")
     ap.add_argument("--seq", type=int, default=512, help="tokens per sample")
     ap.add_argument("--batches", default="1,2", help="micro-batches to measure, comma-separated")
-    ap.add_argument("--runs", default="fp32:adamw,fp8-coat:adamw_fp8", help="precision:optimizer, comma-separated")
+    ap.add_argument("--runs", default="fp32:adamw,fp8-coat:adamw_fp8",
+                    help="precision:optimizer, comma-separated; precision: fp32, bf16 (bf16 weights, gradients and "
+                         "AdamW moments, as model.dtype=bfloat16), fp8-linear or fp8-coat (float32 weights)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--budget-gib", type=float, default=40.0)
     ap.add_argument("--min-features", type=int, default=0,
