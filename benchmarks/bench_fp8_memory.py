@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--min-features", type=int, default=0,
                     help="FP8 for linears with min(in, out) >= this (the reference uses 3584, which skips all of 1.5B)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows and the composed figures here (JSON)")
+    ap.add_argument("--from", dest="sources", type=Path, nargs="+", default=None,
+                    help="measure nothing: compose from the rows of earlier --out files")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one step in this process
     args = ap.parse_args()
     depths = [int(x) for x in (args.layers or str(SHAPES[args.shape]["num_hidden_layers"])).split(",")]
@@ -152,8 +154,8 @@ def main() -> None:
         print(json.dumps(one_step(args.shape, depths[0], precision, optim, batches[0], args.seq, args.device,
                                   args.min_features)), flush=True)
         return
-    rows = []
-    for layers in depths:
+    rows = [r for src in args.sources for r in json.loads(src.read_text())["rows"]] if args.sources else []
+    for layers in depths if not args.sources else ():
         for precision, optim in runs:
             for batch in batches:  # a fresh process each, so the peak is this step's alone
                 cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--layers", str(layers),
