@@ -138,19 +138,24 @@ def to_markdown(results: dict[str, list[dict]], start: dict | None) -> str:
         lines.append(f"| {name} | {len(rows)} | {accs} | {_seeds(alls, 3)}"
                      f" | {_seeds(tail, 3)} | {_seeds(whole, 3)} | {_mean([r['step_time_s'] for r in rows]):.2f} s"
                      f" | {max(r['peak_memory_mib'] for r in rows):.0f} MiB"
-                     f" | {rows[0]['optimizer_bytes'] / 1e6:.2f} MB | {_mean([r['saved_bytes'] for r in rows]) / 1e6:.1f} MB |")
+                     f" | {rows[0]['optimizer_bytes'] / 1e6:.2f} MB"
+                     f" | {_mean([r['saved_bytes'] for r in rows]) / 1e6:.1f} MB |")
     ref = results.get("fp32")
     if ref and len(ref) > 1:
         noise = {f: abs(ref[0]["accuracy"][f] - ref[1]["accuracy"][f]) for f in fams}
-        lines += ["", "Seed noise (fp32, |seed 0 - seed 1|; seeds change the data order): " + ", ".join(f"{f} {v:.2f}" for f, v in noise.items())
-                  + f"; all five {abs(_mean([ref[0]['accuracy'][f] for f in fams]) - _mean([ref[1]['accuracy'][f] for f in fams])):.3f}."]
+        whole = abs(_mean([ref[0]["accuracy"][f] for f in fams]) - _mean([ref[1]["accuracy"][f] for f in fams]))
+        lines += ["", "Seed noise (fp32, |seed 0 - seed 1|; seeds change the data order): "
+                  + ", ".join(f"{f} {v:.2f}" for f, v in noise.items()) + f"; all five {whole:.3f}."]
         for name, rows in results.items():
             if name == "fp32":
                 continue
             gaps = {f: _mean([r["accuracy"][f] for r in rows]) - _mean([r["accuracy"][f] for r in ref]) for f in fams}
-            paired = [_mean(r["loss"]) - _mean(q["loss"]) for r, q in zip(rows, ref)]  # same seed, same batches
+            by_seed = {q["seed"]: q for q in ref}
+            paired = {r["seed"]: _mean(r["loss"]) - _mean(by_seed[r["seed"]]["loss"])  # same seed: same batches
+                      for r in rows if r["seed"] in by_seed}
             lines.append(f"* {name} - fp32 (mean of seeds): " + ", ".join(f"{f} {g:+.2f}" for f, g in gaps.items())
-                         + "; loss over all steps, same seed: " + ", ".join(f"{d:+.4f}" for d in paired))
+                         + "; loss over all steps, same seed: "
+                         + ", ".join(f"seed {k} {d:+.4f}" for k, d in sorted(paired.items())))
     return "\n".join(lines) + "\n"
 
 

@@ -16,11 +16,12 @@ builds the LLM, runs forward + loss + backward + optimizer step and reports, mea
 * ``peak_bytes``: the step's peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the
   process's peak RSS (VmHWM, reset just before the step), so it includes the interpreter and weights.
 
-Every figure is linear in depth and in micro-batch, so when the real depth does not fit (a 28-layer
-float32 AdamW step needs ~25 GB), the report also gives the figures *composed* from two measured
-depths (per layer = the difference / the layer difference; fixed = the rest) and the largest
-micro-batch under ``--budget-gib`` from the measured per-sample growth: composed, not measured, and
-labelled so. Results: JSON lines on stdout (``--out`` also writes them with the composed table).
+The byte counts are linear in depth and saved activations in micro-batch, so when the real depth does
+not fit (a 28-layer float32 AdamW step needs ~25 GB), the report also gives the figures *composed*
+from two measured depths (per layer = the difference / the layer difference; fixed = the rest) and
+the largest micro-batch whose weights + gradients + optimizer state + saved activations fit
+``--budget-gib`` (``compose``): composed, not measured, and labelled so. Results: JSON lines on
+stdout (``--out`` also writes them with the composed figures).
 """
 
 from __future__ import annotations
@@ -99,11 +100,14 @@ def one_step(shape: str, layers: int, precision: str, optim: str, batch: int, se
 
 
 def compose(rows: list[dict], depth: int, budget: float) -> dict:
-    """Per-run figures at ``depth`` layers and the largest micro-batch under ``budget`` bytes, composed
-    from measured rows (two depths, two micro-batches): every figure is fitted as a + b·layers (at the
-    smallest micro-batch) and the per-sample growth likewise; returns run -> figures."""
+    """Per-run figures at ``depth`` layers, composed from measured rows at two depths and two
+    micro-batches: each figure is fitted as a + b·layers at the smaller micro-batch, and saved
+    activations as fixed + per-sample·batch. The largest micro-batch is the largest ``b`` with
+    weights + gradients + optimizer state + saved activations(b) <= ``budget``: a count of the
+    measured tensors, not a peak (the peak RSS also holds the step's temporaries; it is reported
+    per measured step). Returns run -> figures."""
     out = {}
-    for run in sorted({(r["precision"], r["optim"]) for r in rows}):
+    for run in sorted({(r["precision"], r["optim"]) for r in rows}, key=lambda r: r[0] != "fp32"):
         mine = [r for r in rows if (r["precision"], r["optim"]) == run]
         depths, batches = sorted({r["layers"] for r in mine}), sorted({r["batch"] for r in mine})
         if len(depths) < 2 or len(batches) < 2:
@@ -118,11 +122,12 @@ def compose(rows: list[dict], depth: int, budget: float) -> dict:
             return lo + (hi - lo) / (l1 - l0) * (depth - l0)
 
         fig = {k: per_depth(k, b0) for k in KEYS}
-        per_sample = {k: (per_depth(k, b1) - per_depth(k, b0)) / (b1 - b0) for k in KEYS}
-        free = budget - (fig["peak_bytes"] - b0 * per_sample["peak_bytes"])
-        largest = int(free // per_sample["peak_bytes"]) if per_sample["peak_bytes"] > 0 else None
-        out[f"{run[0]}+{run[1]}"] = {"at_batch": b0, **fig, **{f"{k}_per_sample": v for k, v in per_sample.items()},
-                                     "largest_micro_batch": max(largest, 0) if largest is not None else None}
+        per_sample = (per_depth("saved_activation_bytes", b1) - fig["saved_activation_bytes"]) / (b1 - b0)
+        fixed = fig["weight_bytes"] + fig["grad_bytes"] + fig["optimizer_bytes"] + \
+            fig["saved_activation_bytes"] - b0 * per_sample
+        out[f"{run[0]}+{run[1]}"] = {"at_batch": b0, **fig, "saved_activation_bytes_per_sample": per_sample,
+                                     "state_and_fixed_bytes": fixed,
+                                     "largest_micro_batch": max(int((budget - fixed) // per_sample), 0)}
     return out
 
 
