@@ -55,12 +55,12 @@ class FP8Tensor:
     dtype: torch.dtype
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        x = self.data.float()
+        x = self.data.float()  # a new tensor: scaled in place, so one float32 copy is made, not two
         if self.scale.ndim:  # per group: (..., G, group) * (..., G, 1)
-            x = (x.unflatten(-1, (self.scale.shape[-2], -1)) * self.scale).flatten(-2)
+            x.unflatten(-1, (self.scale.shape[-2], -1)).mul_(self.scale)
             x = x[..., : self.shape[-1]]
         else:
-            x = x * self.scale
+            x.mul_(self.scale)
         return x.to(dtype or self.dtype)
 
     @property
@@ -296,21 +296,25 @@ def apply_precision(llm: nn.Module, precision: str, min_features: int) -> dict[s
 # ---------------------------------------------------------------------------------- measurement
 class SavedBytes:
     """Context manager counting the bytes autograd saves for backward (each storage once, parameters
-    excluded): ``with SavedBytes(model) as s: loss = ...; s.bytes``."""
+    excluded): ``with SavedBytes(model) as s: loss = ...; s.bytes``. ``params``: a module or an
+    iterable of parameters (sharded ``DTensor``s count by their local shard)."""
 
-    def __init__(self, model: nn.Module | None = None):
-        self._skip = {p.untyped_storage().data_ptr() for p in model.parameters()} if model is not None else set()
+    def __init__(self, params: nn.Module | list[torch.Tensor] | None = None):
+        params = params.parameters() if isinstance(params, nn.Module) else params or ()
+        local = (p.to_local() if hasattr(p, "to_local") else p for p in params)
+        self._skip = {p.untyped_storage().data_ptr() for p in local if p.device.type != "meta"}
         self._seen: set[int] = set()
         self.bytes = 0
 
     def _pack(self, t: torch.Tensor):
-        if t.device.type == "meta":
-            key = id(t)
-        else:
-            key = t.untyped_storage().data_ptr()
+        try:
+            storage = None if t.device.type == "meta" else t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a wrapper subclass (e.g. NF4 weights) has no storage
+            storage = None
+        key = id(t) if storage is None else storage.data_ptr()
         if key not in self._skip and key not in self._seen:
             self._seen.add(key)
-            self.bytes += t.numel() * t.element_size() if t.device.type == "meta" else t.untyped_storage().nbytes()
+            self.bytes += t.numel() * t.element_size() if storage is None else storage.nbytes()
         return t
 
     def __enter__(self) -> "SavedBytes":

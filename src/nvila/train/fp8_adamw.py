@@ -29,6 +29,7 @@ E4M3_MAX = 448.0
 GROUP = 128  # COAT qgroup_size
 EXPAND_MIN = 16  # COAT expand_min: k is a multiple of 1/16
 K_MAX = 16.0
+CHUNK = 1 << 22  # elements per step chunk (whole groups): bounds the float32 temporaries to ~16 MB each
 _LOG_RANGE = math.log2(E4M3_MAX ** 2 / 2)
 
 
@@ -90,17 +91,23 @@ class AdamWFP8(torch.optim.Optimizer):
                                   "group_size": group_size})
 
     def _init_state(self, p: torch.Tensor, group_size: int) -> dict:
+        """Zero moments, stored as ``expand_quantize`` stores zeros, without a float32 copy of ``p``."""
         st = self.state[p]
         st["step"] = torch.zeros((), dtype=torch.float32)
-        zeros = torch.zeros_like(p, dtype=torch.float32)
+        groups = -(-p.numel() // group_size)
+        _, hi0, k0 = expand_quantize(torch.zeros(group_size, device=p.device), group_size)  # one zero group
         for name in ("exp_avg", "exp_avg_sq"):
-            st[name], st[f"{name}_max"], st[f"{name}_k"] = expand_quantize(zeros, group_size)
+            st[name] = torch.zeros(groups * group_size, dtype=E4M3, device=p.device)
+            st[f"{name}_max"], st[f"{name}_k"] = hi0.expand(groups).clone(), k0.expand(groups).clone()
         if p.dtype != torch.float32:
             st["master"] = p.detach().float().clone()
         return st
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One AdamW step per parameter, in chunks of ``CHUNK`` elements (whole groups), so that the
+        float32 temporaries of dequantized moments stay bounded (a 151,936 x 1,536 embedding would
+        otherwise need several GB of them); the chunks give the same numbers as one pass."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -114,19 +121,28 @@ class AdamWFP8(torch.optim.Optimizer):
                 st = self.state[p] if self.state[p] else self._init_state(p, gs)
                 st["step"] += 1
                 t = float(st["step"])
-                grad = p.grad.float()
                 master = st.get("master", p)
-                m = expand_dequantize(st["exp_avg"], st["exp_avg_max"], st["exp_avg_k"], p.shape)
-                v = expand_dequantize(st["exp_avg_sq"], st["exp_avg_sq_max"], st["exp_avg_sq_k"], p.shape)
-                m.lerp_(grad, 1 - b1)
-                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                master.mul_(1 - lr * wd)
-                denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
-                master.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+                flat_m, flat_g = master.view(-1), p.grad.reshape(-1)  # (N,)
+                chunk = max(CHUNK // gs, 1) * gs
+                for a in range(0, flat_m.numel(), chunk):
+                    b = min(a + chunk, flat_m.numel())
+                    ga, gb = a // gs, -(-b // gs)  # the chunk's groups
+                    grad = flat_g[a:b].float()
+                    m = expand_dequantize(st["exp_avg"][ga * gs:gb * gs], st["exp_avg_max"][ga:gb],
+                                          st["exp_avg_k"][ga:gb], grad.shape)
+                    v = expand_dequantize(st["exp_avg_sq"][ga * gs:gb * gs], st["exp_avg_sq_max"][ga:gb],
+                                          st["exp_avg_sq_k"][ga:gb], grad.shape)
+                    m.lerp_(grad, 1 - b1)
+                    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                    w = flat_m[a:b]
+                    w.mul_(1 - lr * wd)
+                    denom = (v / (1 - b2 ** t)).sqrt_().add_(eps)
+                    w.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+                    for name, x in (("exp_avg", m), ("exp_avg_sq", v)):
+                        data, hi, k = expand_quantize(x, gs)
+                        st[name][ga * gs:gb * gs], st[f"{name}_max"][ga:gb], st[f"{name}_k"][ga:gb] = data, hi, k
                 if master is not p:
                     p.copy_(master)
-                st["exp_avg"], st["exp_avg_max"], st["exp_avg_k"] = expand_quantize(m, gs)
-                st["exp_avg_sq"], st["exp_avg_sq_max"], st["exp_avg_sq_k"] = expand_quantize(v, gs)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -23,7 +23,9 @@ the same loss.
 
 Metrics (``<output_dir>/metrics.jsonl``, rank 0, one line per step): step, loss, grad_norm, lr per
 component, tokens (media-expanded, all ranks), tokens_per_s, step_time_s, peak memory (MiB),
-skipped samples by reason, ``state_bytes`` (the largest per-rank bytes of parameters, gradients and
+skipped samples by reason, ``saved_bytes`` (the bytes autograd kept for backward in the step's largest
+micro-batch on rank 0, measured with saved-tensor hooks, parameters excluded: what ``model.precision``
+fp8-coat shrinks), ``state_bytes`` (the largest per-rank bytes of parameters, gradients and
 optimizer state: the local shards under FSDP2), and per mixture dataset ``loss_by_dataset`` (the token-mean loss over
 that dataset's labelled tokens in the step's global batch) and ``targets_by_dataset`` (how many
 labelled tokens it had); datasets with no sample in the step are left out. Weighted by the token
@@ -47,6 +49,7 @@ import torch
 from ..timetokens import TimeTokenError, ensure_time_tokens
 from . import distributed as D
 from . import state as S
+from .fp8 import SavedBytes
 from .config import MODEL_PATH_HINT, TrainConfig, TrainConfigError, accumulation_steps, precision_of, total_steps
 from .data import IGNORE_INDEX, MixtureDataset, SampleEncoder, SampleStream, load_mixture
 from .packing import collate, num_targets, to_device, token_sources, use_packed_attention
@@ -70,6 +73,9 @@ def check(cfg: TrainConfig, info: D.DistInfo, *, resume: bool = False) -> tuple[
     from nvila.checkpoint import CheckpointError, check_layout
 
     world_size = info.world
+    if torch.device(cfg.model.device).type == "cuda" and not torch.cuda.is_available():
+        raise TrainConfigError(f"model.device={cfg.model.device} but this torch {torch.__version__} sees no CUDA "
+                               f"device; use model.device=cpu or a CUDA build on a GPU machine")
     strategy = pick(D.STRATEGIES, cfg.dist.strategy, "dist.strategy")()
     strategy.check(info)
     if cfg.dist.world_size is not None and cfg.dist.world_size != world_size:
@@ -285,13 +291,16 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         n_targets = D.all_sum([local_targets])[0]
         ce_total = 0.0
         by_source = [0.0] * (2 * n_sets)  # loss sums, then labelled tokens, per mixture dataset
+        saved_bytes = 0
         for i, (batch, samples) in enumerate(zip(micro, taken)):
             batch = to_device(batch, device, dtype)
             strategy.check_batch(batch, step)
             labels, sources = batch.pop("labels"), token_sources(samples, packed=cfg.data.pack)
             with strategy.sync(module, i == len(micro) - 1):  # gradients cross ranks at the last micro-batch
-                token_loss = loss_fn(module(**batch).logits, labels)  # (B, T-1)
-                ce = token_loss.sum()
+                with SavedBytes(every) as saved:
+                    token_loss = loss_fn(module(**batch).logits, labels)  # (B, T-1)
+                    ce = token_loss.sum()
+                saved_bytes = max(saved_bytes, saved.bytes)
                 (ce * (info.world / max(n_targets, 1))).backward()
             ce_total += float(ce.detach())
             by_source = [a + b for a, b in zip(by_source, _per_source(token_loss, labels, sources, n_sets))]
@@ -307,7 +316,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         elapsed = time.perf_counter() - t0
         record = {"step": step + 1, "loss": ce_sum / max(n_targets, 1), "grad_norm": grad_norm,
                   "lr": lrs, "tokens": int(tokens), "tokens_per_s": tokens / elapsed, "step_time_s": elapsed,
-                  "memory_mib": _peak_memory_mib(device), "skipped": int(skipped_all),
+                  "memory_mib": _peak_memory_mib(device), "skipped": int(skipped_all), "saved_bytes": saved_bytes,
                   "state_bytes": dict(zip(("params", "grads", "optimizer"), map(int, state_bytes))),
                   "loss_by_dataset": {name: s / c for name, s, c in present},
                   "targets_by_dataset": {name: int(c) for name, _, c in present}}
