@@ -54,8 +54,10 @@ def _reset_hwm() -> None:
 
 
 def one_step(shape: str, layers: int, precision: str, optim: str, batch: int, seq: int, device: str,
-             min_features: int) -> dict:
-    """One training step at ``layers`` decoder layers; bytes measured, not estimated."""
+             min_features: int, forward_only: bool = False) -> dict:
+    """One training step at ``layers`` decoder layers; bytes measured, not estimated. ``forward_only``:
+    forward + loss alone (what is saved for backward is known by then), no gradients nor optimizer
+    state, so that a depth whose whole step does not fit can still have its saved bytes measured."""
     import torch
     import torch.nn.functional as F
 
@@ -85,8 +87,9 @@ def one_step(shape: str, layers: int, precision: str, optim: str, batch: int, se
     with SavedBytes(llm) as saved:
         logits = llm(input_ids=ids).logits  # (B, T, V)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())  # float32 loss
-    loss.backward()
-    opt.step()
+    if not forward_only:
+        loss.backward()
+        opt.step()
     if cuda:
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() if cuda else _hwm()
@@ -96,7 +99,7 @@ def one_step(shape: str, layers: int, precision: str, optim: str, batch: int, se
     return {"shape": shape, "layers": layers, "precision": precision, "optim": optim, "batch": batch, "seq": seq,
             "device": device, "fp8_min_features": min_features, **swapped, "saved_activation_bytes": saved.bytes,
             "optimizer_bytes": state, "weight_bytes": weights, "grad_bytes": grads, "peak_bytes": peak,
-            "step_s": time.perf_counter() - t0, "loss": loss.item()}
+            "step_s": time.perf_counter() - t0, "loss": loss.item(), "forward_only": forward_only}
 
 
 def compose(rows: list[dict], depth: int, budget: float) -> dict:
@@ -107,8 +110,9 @@ def compose(rows: list[dict], depth: int, budget: float) -> dict:
     measured tensors, not a peak (the peak RSS also holds the step's temporaries; it is reported
     per measured step). Returns run -> figures."""
     out = {}
-    for run in sorted({(r["precision"], r["optim"]) for r in rows}, key=lambda r: r[0] != "fp32"):
-        mine = [r for r in rows if (r["precision"], r["optim"]) == run]
+    steps = [r for r in rows if not r.get("forward_only")]
+    for run in sorted({(r["precision"], r["optim"]) for r in steps}, key=lambda r: r[0] != "fp32"):
+        mine = [r for r in steps if (r["precision"], r["optim"]) == run]
         depths, batches = sorted({r["layers"] for r in mine}), sorted({r["batch"] for r in mine})
         if len(depths) < 2 or len(batches) < 2:
             continue
@@ -149,6 +153,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the rows and the composed figures here (JSON)")
     ap.add_argument("--from", dest="sources", type=Path, nargs="+", default=None,
                     help="measure nothing: compose from the rows of earlier --out files")
+    ap.add_argument("--forward-only", action="store_true",
+                    help="measure forward + loss only: saved-activation bytes at depths whose whole step does not fit")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # one step in this process
     args = ap.parse_args()
     depths = [int(x) for x in (args.layers or str(SHAPES[args.shape]["num_hidden_layers"])).split(",")]
@@ -157,7 +163,7 @@ def main() -> None:
     if args.one:
         (precision, optim), = runs
         print(json.dumps(one_step(args.shape, depths[0], precision, optim, batches[0], args.seq, args.device,
-                                  args.min_features)), flush=True)
+                                  args.min_features, args.forward_only)), flush=True)
         return
     rows = [r for src in args.sources for r in json.loads(src.read_text())["rows"]] if args.sources else []
     for layers in depths if not args.sources else ():
@@ -165,7 +171,8 @@ def main() -> None:
             for batch in batches:  # a fresh process each, so the peak is this step's alone
                 cmd = [sys.executable, __file__, "--one", "--shape", args.shape, "--layers", str(layers),
                        "--runs", f"{precision}:{optim}", "--batches", str(batch), "--seq", str(args.seq),
-                       "--device", args.device, "--min-features", str(args.min_features)]
+                       "--device", args.device, "--min-features", str(args.min_features)] + \
+                    (["--forward-only"] if args.forward_only else [])
                 line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
                 rows.append(json.loads(line))
                 print(line, flush=True)

@@ -85,6 +85,19 @@ def test_fp8_linear_matches_scaled_mm_forward_and_backward():
     assert rel(y, F.linear(x2, w2)) < 0.06 and rel(x.grad, x2.grad) < 0.1 and rel(w.grad, w2.grad) < 0.1
 
 
+def test_fp8_linear_saves_the_fp8_input_and_no_weight_copy():
+    x = torch.randn(4, 96, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(80, 96) * 0.05)
+    with SavedBytes([w]) as saved:
+        y = fp8_linear(x, w)
+    assert saved.bytes == 4 * 96 + 4  # 1 byte per input element + its float32 scale; the weight is re-quantized
+    y.sum().backward()  # backward's FP8 weight is the forward's: the gradient matches quantizing it by hand
+    qx, qw = quantize(x.detach(), E4M3), quantize(w.detach(), E4M3)
+    qg = quantize(torch.ones(4, 80), E5M2)
+    assert torch.equal(x.grad, qg.dequantize(torch.float32) @ qw.dequantize(torch.float32))
+    assert torch.equal(w.grad, qg.dequantize(torch.float32).t() @ qx.dequantize(torch.float32))
+
+
 def test_fp8_modules_keep_names_and_use_high_precision_in_eval():
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 

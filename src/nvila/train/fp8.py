@@ -10,8 +10,9 @@ Three layers of this module:
   per element, never a float32 fake-quantized copy.
 * **FP8 linear** (``FP8Linear``, the reference's ``QLinearTE``): forward quantizes the input and
   the weight to E4M3 with per-tensor scales and multiplies; backward quantizes the output
-  gradient to E5M2 and computes dgrad and wgrad against the *saved FP8* input and weight. Only
-  the FP8 tensors are saved for backward. The GEMM is ``torch._scaled_mm`` on CUDA sm89+ (fp32
+  gradient to E5M2 and computes dgrad and wgrad against the *saved FP8* input and the FP8 weight.
+  Only the FP8 input is saved for backward; the FP8 weight is quantized again from the unchanged
+  parameter (the same bytes as forward's, without a 1-byte copy per weight element kept per layer). The GEMM is ``torch._scaled_mm`` on CUDA sm89+ (fp32
   accumulation), elsewhere dequantize + float32 matmul (the same numbers up to accumulation
   order; ``_scaled_mm`` also runs on CPU, 10x slower, and the tests compare the two).
 * **COAT's activation flow** (``FP8RMSNorm``, ``FP8MLP``): the tensors RMSNorm and SiLU·mul save
@@ -123,18 +124,22 @@ class _FP8LinearFn(torch.autograd.Function):
         y = fp8_mm(qx, qw, transpose_b=True, out_dtype=x.dtype)  # (N, out)
         if bias is not None:
             y = y + bias
-        ctx.save_for_backward(qx.data, qx.scale, qw.data, qw.scale)
-        ctx.meta = (x.shape, x.dtype, weight.shape, weight.dtype, bias is not None)
+        # The FP8 weight is not kept: backward quantizes the (unchanged) parameter again, which gives
+        # the same bytes and saves 1 byte per weight element per layer (torchao's
+        # force_recompute_fp8_weight_in_bwd). The parameter itself costs nothing to save.
+        ctx.save_for_backward(qx.data, qx.scale, weight)
+        ctx.meta = (x.shape, x.dtype, bias is not None)
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
-        xd, xs, wd, ws = ctx.saved_tensors
-        x_shape, x_dtype, w_shape, w_dtype, has_bias = ctx.meta
+        xd, xs, weight = ctx.saved_tensors
+        x_shape, x_dtype, has_bias = ctx.meta
+        w_dtype = weight.dtype
         g2 = grad.reshape(-1, grad.shape[-1])  # (N, out)
         qg = quantize(g2, E5M2)
         qx = FP8Tensor(xd, xs, xd.shape, x_dtype)
-        qw = FP8Tensor(wd, ws, w_shape, w_dtype)
+        qw = quantize(weight, E4M3)  # bit-identical to forward's
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = fp8_mm(qg, qw, transpose_b=False, out_dtype=x_dtype).reshape(x_shape)  # (N, in)
