@@ -7,7 +7,7 @@
     python benchmarks/ablation_fp8.py --run /tmp/fp8 --steps 2 --eval 2 --data-size 8   # smoke
 
 One fine-tuning stage, the same for every variant: from the same checkpoint (``--base``, default the
-frozen v16 copy of the bundled SynthVILA), the projector and the LLM train (ViT frozen; the recipe's
+recipe's stage 8, the v16 SynthVILA), the projector and the LLM train (ViT frozen; the recipe's
 stage-2 YAML at the SFT learning rate 3e-4) for ``--steps`` steps of ``--batch`` packed samples on the
 same data in the same order (``run.seed``). The mixture weights the image count 3:1 against the four
 other image families: the count is the family the start checkpoint is weakest on (held-out 0.36),
@@ -198,8 +198,9 @@ def plot(results: dict[str, list[dict]], start: dict | None, path: Path) -> Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=Path("/work/models/synthvila_v16"),
-                        help="start checkpoint of every variant (default: the frozen v16 SynthVILA)")
+    parser.add_argument("--base", type=Path, default=Path("runs/synthvila/stage8_joint_sft/final"),
+                        help="start checkpoint of every variant (default: the recipe's stage 8, "
+                             "`make synthvila`; RESULTS used the v16 bundle of commit 2d2b2e1, the same weights)")
     parser.add_argument("--run", type=Path, default=Path("runs/ablation_fp8"), help="output directory")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", default="0,1")

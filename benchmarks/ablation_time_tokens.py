@@ -91,8 +91,9 @@ def plot(results: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=Path("/work/models/synthvila_v16"),
-                        help="the shared start: a SynthVILA stage-8 checkpoint without time tokens")
+    parser.add_argument("--base", type=Path, default=Path("runs/synthvila/stage8_joint_sft/final"),
+                        help="the shared start: a SynthVILA stage-8 checkpoint without time tokens (default: the "
+                             "recipe's, `make synthvila`; RESULTS used the v16 bundle of commit 2d2b2e1)")
     parser.add_argument("--data", type=Path, default=None,
                         help="train data: the data/ directory of a `recipes/synthvila/train.py --start` run")
     parser.add_argument("--run", type=Path, default=Path("runs/ablation_time_tokens"), help="output directory")

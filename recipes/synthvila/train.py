@@ -3,7 +3,7 @@
     python recipes/synthvila/train.py --out runs/synthvila                   # full run (~93 min, 2 threads)
     python recipes/synthvila/train.py --out runs/synthvila --bundle src/nvila/bundled/synthvila
     python recipes/synthvila/train.py --out /tmp/smoke --mode smoke          # CI: same script, ~20 s
-    python recipes/synthvila/train.py --out runs/loc --start /work/models/synthvila_v16 --threads 1  # 9-10 only
+    python recipes/synthvila/train.py --out runs/loc --start runs/synthvila/stage8_joint_sft/final --threads 1  # 9-10 only
 
 The curriculum (spec training.md §7.4-7.5): SynthVILA data at the "small" size preset; a random
 checkpoint of ``nvila.tiny.synthvila_config``; stage 0b dense per-patch pre-training of the ViT;
