@@ -43,7 +43,8 @@ def ensure_time_tokens(tokenizer, n: int, fmt: str = "<t{t}>") -> list[int]:
     none gets them appended as regular tokens, in order (the reference's ``add_tokens``).
 
     Raises:
-        TimeTokenError: the tokenizer holds some but not all of them, or not with contiguous ids.
+        TimeTokenError: the tokenizer holds some but not all of them, more than N of them, or not with
+            contiguous ids.
     """
     if n <= 0:
         return []
@@ -56,6 +57,12 @@ def ensure_time_tokens(tokenizer, n: int, fmt: str = "<t{t}>") -> list[int]:
     elif len(held) != n:
         raise TimeTokenError(f"num_time_tokens is {n} but the tokenizer holds {len(held)} of the tokens "
                              f"{tokens[0]}..{tokens[-1]}; fix num_time_tokens or the tokenizer")
+    elif fmt.format(t=n) in vocab:
+        more = n
+        while fmt.format(t=more) in vocab:
+            more += 1
+        raise TimeTokenError(f"num_time_tokens is {n} but the tokenizer holds {more} time tokens "
+                             f"{tokens[0]}..{fmt.format(t=more - 1)}; fix num_time_tokens or the tokenizer")
     ids = [vocab[t] for t in tokens]
     if ids != list(range(ids[0], ids[0] + n)):
         raise TimeTokenError(f"the tokenizer's time tokens {tokens[0]}..{tokens[-1]} do not have contiguous ids")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -33,3 +34,16 @@ def test_infer_on_a_held_out_localization_clip_prints_seconds(tmp_path, capsys):
     assert "<t" not in report["answer"]
     assert main(argv) == 0
     assert capsys.readouterr().out.splitlines()[0] == report["answer"]  # the human report prints the seconds
+
+
+def test_num_time_tokens_that_disagrees_with_the_tokenizer_is_one_line(tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(default_model_path(), model)
+    config = json.loads((model / "config.json").read_text())
+    held = config["num_time_tokens"]
+    config["num_time_tokens"] = held - 1  # the tokenizer holds one time token more than the config says
+    (model / "config.json").write_text(json.dumps(config))
+    assert main(["infer", "--model", str(model), "--text", "hi", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nvila: error: num_time_tokens is") and f"holds {held} time tokens" in err
+    assert len(err.splitlines()) == 1

@@ -31,6 +31,8 @@ def test_a_tokenizer_that_disagrees_with_num_time_tokens_is_refused():
     ensure_time_tokens(tok, 4)
     with pytest.raises(TimeTokenError, match="holds 4 of the tokens"):
         ensure_time_tokens(tok, 8)
+    with pytest.raises(TimeTokenError, match="num_time_tokens is 2 but the tokenizer holds 4 time tokens"):
+        ensure_time_tokens(tok, 2)
 
 
 def test_encode_rule_with_clamp():
