@@ -198,15 +198,15 @@ def test_adamw_fp8_state_is_fp8_and_survives_state_dict(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- memory
-def _small_llm(precision: str):
-    """A 2-layer Qwen2 with Qwen2-1.5B's proportions scaled down: hidden 256, MLP 1408 (5.5x), 8/2 heads."""
+def _small_llm(precision: str, layers: int = 2):
+    """A Qwen2 with Qwen2-1.5B's proportions scaled down: hidden 256, MLP 1408 (5.5x), 8/2 heads."""
     from dataclasses import replace
 
     from nvila.llm import build_llm
     from nvila.tiny import _LLM
 
     torch.manual_seed(0)
-    llm = build_llm(replace(_LLM, vocab_size=512, hidden_size=256, intermediate_size=1408, num_hidden_layers=2,
+    llm = build_llm(replace(_LLM, vocab_size=512, hidden_size=256, intermediate_size=1408, num_hidden_layers=layers,
                             num_attention_heads=8, num_key_value_heads=2))
     apply_precision(llm, precision, min_features=0)
     return llm.train()
@@ -215,8 +215,7 @@ def _small_llm(precision: str):
 def _measure(precision: str, optim: str) -> tuple[int, int, float]:
     """(saved-activation bytes of one forward, optimizer-state bytes after one step, loss) at T=1024.
 
-    Saved bytes include FP8Linear's FP8 weight copies (1 byte per weight, fixed), hence a sequence
-    long enough for the activations to dominate, as in training."""
+    A sequence long enough for the activations to dominate the fixed head and loss, as in training."""
     llm = _small_llm(precision)
     ids = torch.randint(0, 512, (1, 1024), generator=torch.Generator().manual_seed(0))
     with SavedBytes(llm) as saved:
@@ -240,6 +239,24 @@ def test_measured_memory_fp8_coat_with_adamw_fp8():
     print(f"T=1024 saved activations: fp32 {act32:,} B, fp8-linear {act_lin:,} B, fp8-coat {act8:,} B "
           f"({act8 / act32:.2f}x); optimizer state: adamw {opt32:,} B, adamw_fp8 {opt8:,} B ({opt8 / opt32:.2f}x)")
     assert abs(loss8 - loss32) < 0.05 * loss32
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp8-linear", "fp8-coat"])
+def test_dry_run_activation_count_matches_measured_bytes_per_layer(precision):
+    """``nvila train --dry-run``'s itemised per-token count of a decoder layer's saved bytes against the
+    measured difference between a 2- and a 1-layer model (same tokens), within 5 %."""
+    from nvila.train.memory import _layer_bytes_per_token
+
+    ids = torch.randint(0, 512, (1, 256), generator=torch.Generator().manual_seed(0))
+    measured = []
+    for layers in (1, 2):
+        llm = _small_llm(precision, layers)
+        with SavedBytes(llm) as saved:
+            llm(input_ids=ids)
+        measured.append(saved.bytes)
+    per_layer = measured[1] - measured[0]
+    counted = 256 * _layer_bytes_per_token(llm.config, precision, 4, 0)
+    assert abs(counted - per_layer) <= 0.05 * per_layer, (counted, per_layer)
 
 
 # ------------------------------------------------------------------------------------------- config
