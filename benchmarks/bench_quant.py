@@ -36,7 +36,7 @@ from nvila.config import LLMConfig, NVILAConfig, TokenIds, VisionConfig
 from nvila.llm import reset_llm_buffers
 from nvila.model import NVILAForConditionalGeneration
 from nvila.quant.groups import projector_groups, qwen2_groups, siglip_groups
-from nvila.quant.linear import QuantLinear, W4A16Linear, W8A8Linear, pick_group_size
+from nvila.quant.linear import QuantLinear, W4A16Linear, W8A8Linear, pick_group_size, w8a8_cpu_kernel_names
 
 IMAGE_TOKEN, VIDEO_TOKEN = 151646, 151647
 
@@ -268,7 +268,7 @@ def main() -> None:
     reps = 2 if args.quick else 3
     new = 8 if args.quick else 24
     print(f"# bench_quant {time.strftime('%Y-%m-%d %H:%M:%S')}  threads={args.threads} quick={args.quick}  "
-          f"torch {torch.__version__}  engine={torch.backends.quantized.engine}")
+          f"torch {torch.__version__}  w8a8 kernels (few rows, many)={w8a8_cpu_kernel_names()}")
     print(f"# load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     config = lite_2b_config()
     fp = build_fp32(config)

@@ -210,7 +210,7 @@ def kernels_ran(model) -> dict[str, int]:
         if isinstance(m, qlinear.QuantLinear) and m._kernel is not None:
             k = m._kernel
             if isinstance(k, qlinear._W8A8Cpu):
-                name = f"w8a8: quantized.linear_dynamic ({torch.backends.quantized.engine})"
+                name = f"w8a8: quantized.linear_dynamic ({'+'.join(sorted(k.packed))})"
             elif isinstance(k, qlinear._W4A16Avx2):
                 name = f"w4a16: nvila {qlinear.w4a16_cpu_kernel_name(m.group_size)} (w4a16_cpu.cpp)"
             elif isinstance(k, qlinear._W4A16Int4Pack):
@@ -224,7 +224,8 @@ def kernels_ran(model) -> dict[str, int]:
 def kernel_choice() -> dict:
     """What the ISA and settings pick, before anything runs."""
     return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "quantized_engine": torch.backends.quantized.engine,
+            "NVILA_W8A8_CPU_KERNEL": os.environ.get("NVILA_W8A8_CPU_KERNEL", "auto"),
+            "w8a8_kernels_small_large_rows": qlinear.w8a8_cpu_kernel_names(),
             "NVILA_W4A16_CPU_KERNEL": os.environ.get("NVILA_W4A16_CPU_KERNEL", "auto"),
             "w4a16_kernel_g128": qlinear.w4a16_cpu_kernel_name(128)}
 
@@ -246,7 +247,12 @@ def main() -> int:
     ap.add_argument("--search-tokens", type=int, default=512, help="nvila quantize --search-tokens (default 512)")
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir in /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="quantized checkpoints to make and measure (default: both; w8a8 alone skips the "
+                         "AWQ searches)")
     args = ap.parse_args()
+    for name in set(VARIANTS) - set(args.variants):
+        del VARIANTS[name]
     if args.quick or args.tiny:
         args.pairs = 1
         args.calib_samples, args.calib_seq_len = min(args.calib_samples, 8), min(args.calib_seq_len, 128)

@@ -40,7 +40,9 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.up_proj", "mlp.down_proj")
 
 
-def build(threads: int):
+def build(threads: int, scheme: str = "w4a16"):
+    """The Lite-2B-shaped model with every LLM decoder linear in ``scheme`` (g128 for w4a16) and a W8A8
+    head, random codes, in an ``Engine`` of one slot; returns (model, engine)."""
     tok = build_tokenizer()
     llm = LLM_PRESETS[1536]
     cfg = NVILAConfig(llm=type(llm)(**{**llm.__dict__, "vocab_size": VOCAB, "tie_word_embeddings": False}),
@@ -53,8 +55,8 @@ def build(threads: int):
     for i, layer in enumerate(model.llm.model.layers):
         for name in LINEARS:
             bias = layer.get_submodule(name).bias is not None
-            spec[f"model.layers.{i}.{name}"] = {"scheme": "w4a16", "group_size": 128, "bias": bias,
-                                                "input_scale": False}
+            spec[f"model.layers.{i}.{name}"] = {"scheme": scheme, "bias": bias, "input_scale": False,
+                                                **({"group_size": 128} if scheme == "w4a16" else {})}
     spec["lm_head"] = {"scheme": "w8a8", "bias": False, "input_scale": False}
     swap_modules(model.llm, spec, "llm")
     model.materialize("cpu", torch.float32)

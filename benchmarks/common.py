@@ -22,7 +22,7 @@ def copy_bandwidth_gbs(reps: int = 7) -> float:
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
-ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx_vnni", "avx512_vnni", "amx_bf16")
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx_vnni", "avx512_vnni", "amx_bf16", "amx_int8")
 
 
 def cpu_report() -> str:

@@ -17,10 +17,12 @@ The processor knows the tokenizer and the config; it knows nothing about weights
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections import deque
-from dataclasses import dataclass, field
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -49,6 +51,7 @@ class MediumInfo:
     block_size: tuple[int, int] | None = None
     frame_indices: list[int] = field(default_factory=list)
     duration_s: float | None = None  # videos: the source's seconds, when its frame rate is known
+    digest: str = ""  # hex content hash of the decoded medium and its preprocessing (feature / prefix keys)
 
 
 @dataclass
@@ -111,7 +114,9 @@ class NVILAProcessor:
     """Chat template, media preprocessing and placeholder expansion for one checkpoint."""
 
     def __init__(self, tokenizer, config: NVILAConfig, *, chat_template: str | None = None,
-                 max_pixels: int = media_io.DEFAULT_MAX_PIXELS):
+                 max_pixels: int = media_io.DEFAULT_MAX_PIXELS, media_cache_mib: int = 64):
+        """``media_cache_mib``: the tiled pixels of recent images are kept (LRU, this many MiB; 0 for
+        none), keyed by their content hash, so a follow-up turn about the same image skips the tiling."""
         self.tokenizer = tokenizer
         self.config = config
         self.chat_template = chat_template or resolve_chat_template(config, tokenizer)
@@ -121,21 +126,26 @@ class NVILAProcessor:
         self._image_start, self._image_end = enc(config.image_encoder.start_tokens), enc(config.image_encoder.end_tokens)
         vcfg = config.video_encoder
         self._video_start, self._video_end, self._video_sep = enc(vcfg.start_tokens), enc(vcfg.end_tokens), enc(vcfg.sep_tokens)
+        self._image_cache: OrderedDict[str, list[_Item]] = OrderedDict()  # digest -> items, LRU last
+        self._image_cache_bytes, self._image_cache_limit = 0, media_cache_mib * 2**20
+        self._image_cache_lock = threading.Lock()  # prepare() may run on several request threads
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, local_files_only: bool = False,
                         **overrides: Any) -> "NVILAProcessor":
         """Load from a checkpoint directory or a Hub id ``ORG/NAME[@REVISION]`` (``checkpoint.check_layout``;
         of a Hub id only the configs and tokenizer files are fetched). ``overrides`` change preprocessing
-        fields of the config (``max_tiles``, ``num_video_frames``, ``fps``, ...) or set ``max_pixels``."""
+        fields of the config (``max_tiles``, ``num_video_frames``, ``fps``, ...) or set ``max_pixels`` and
+        ``media_cache_mib`` (``__init__``)."""
         root = check_layout(path, weights=False, local_files_only=local_files_only)
         max_pixels = overrides.pop("max_pixels", media_io.DEFAULT_MAX_PIXELS)
+        media_cache_mib = overrides.pop("media_cache_mib", 64)
         config = NVILAConfig.from_pretrained(root)
         if overrides:
             config = config.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
         tok = detect(root).load_tokenizer(root)
         ensure_time_tokens(tok, config.num_time_tokens, config.time_token_format)
-        return cls(tok, config, max_pixels=max_pixels)
+        return cls(tok, config, max_pixels=max_pixels, media_cache_mib=media_cache_mib)
 
     # ---------------------------------------------------------------------------------- public API
     def apply_chat_template(self, conversation, *, add_generation_prompt: bool = False, tokenize: bool = False,
@@ -189,7 +199,7 @@ class NVILAProcessor:
         images = [it for it in flat if it.kind == "image"]
         videos = [it for it in flat if it.kind == "video"]
         if images:
-            out["pixel_values"] = torch.cat([it.pixels for it in images])
+            out["pixel_values"] = _concat([it.pixels for it in images])
             out["image_block_sizes"] = [it.block_size for it in images]
         if videos:
             out["pixel_values_videos"] = torch.cat([it.pixels for it in videos])
@@ -297,22 +307,49 @@ class NVILAProcessor:
 
     def _image_items(self, source: Any, cfg: NVILAConfig, *, single: bool) -> list[_Item]:
         image = media_io.load_image(source, max_pixels=self.max_pixels)
+        digest = _digest([image], _settings(cfg, single))
+        with self._image_cache_lock:
+            items = self._image_cache.get(digest)
+            if items is not None:
+                self._image_cache.move_to_end(digest)
+        if items is None:
+            items = self._tile_image(image, cfg, single, digest)
+            self._remember(digest, items)
+        name = _describe(source)
+        return [replace(it, info=replace(it.info, source=name)) for it in items]
+
+    def _tile_image(self, image, cfg: NVILAConfig, single: bool, digest: str) -> list[_Item]:
         tile = cfg.vision.image_size
         tiles, block = _tiles(image, cfg, single=single)
-        name = _describe(source)
         per_tile = tokens_per_tile(cfg.projector_type, cfg.vision.grid)
         if block is not None:
             pixels = tiling.to_pixels(tiles, tile, cfg.image_mean, cfg.image_std)
             n = per_tile * _num_blocks(cfg, block)
             ids = self._image_start + [self.ids.image] * n + self._image_end
-            info = MediumInfo("image", name, len(ids), n, len(tiles), block_size=block)
+            info = MediumInfo("image", "", len(ids), n, len(tiles), block_size=block, digest=digest)
             return [_Item("image", pixels, block, ids, info)]
+        pixels = tiling.to_pixels(tiles, tile, cfg.image_mean, cfg.image_std)  # (n, 3, S, S)
         out = []
-        for t in tiles:
+        for i in range(len(tiles)):  # each tile is its own medium, with its own digest; pixels are views
             ids = self._image_start + [self.ids.image] * per_tile + self._image_end
-            info = MediumInfo("image", name, len(ids), per_tile, 1)
-            out.append(_Item("image", tiling.to_pixels([t], tile, cfg.image_mean, cfg.image_std), None, ids, info))
+            tile_digest = hashlib.sha1(f"{digest}/{i}".encode()).hexdigest()
+            info = MediumInfo("image", "", len(ids), per_tile, 1, digest=tile_digest)
+            out.append(_Item("image", pixels[i:i + 1], None, ids, info))
         return out
+
+    def _remember(self, digest: str, items: list[_Item]) -> None:
+        """Keep ``items`` (their pixels are shared with callers: never written) within the byte bound."""
+        size = sum(it.pixels.numel() * it.pixels.element_size() for it in items)
+        if size > self._image_cache_limit:
+            return
+        with self._image_cache_lock:
+            if digest in self._image_cache:
+                return
+            self._image_cache[digest] = items
+            self._image_cache_bytes += size
+            while self._image_cache_bytes > self._image_cache_limit:
+                _, old = self._image_cache.popitem(last=False)
+                self._image_cache_bytes -= sum(it.pixels.numel() * it.pixels.element_size() for it in old)
 
     def _video_item(self, source: Any, cfg: NVILAConfig, declared_fps: float | None = None) -> _Item:
         video = media_io.load_video(source, num_frames=cfg.num_video_frames, fps=cfg.fps, max_pixels=self.max_pixels)
@@ -327,7 +364,8 @@ class NVILAProcessor:
             ids += self._video_sep
         n_visual = sum(t * n for t, n in layout)
         info = MediumInfo("video", _describe(source), len(ids), n_visual, len(frames), frame_indices=list(video.indices),
-                          duration_s=video.duration(declared_fps))
+                          duration_s=video.duration(declared_fps),
+                          digest=_digest(video.frames, _settings(cfg, False) + (repr(cfg.video_encoder),)))
         return _Item("video", tiling.to_pixels(frames, tile, cfg.image_mean, cfg.image_std), None, ids, info)
 
 
@@ -336,6 +374,36 @@ def _tiles(image, cfg: NVILAConfig, *, single: bool):
     fill = tuple(int(255 * m) for m in cfg.image_mean)  # the reference pads with the mean colour
     return tiling.preprocess_image(image, cfg.image_aspect_ratio, tile=cfg.vision.image_size, scales=cfg.s2_scales,
                                    min_tiles=cfg.min_tiles, max_tiles=cfg.max_tiles, single=single, fill=fill)
+
+
+def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat`` along dim 0, or a view when the tensors already lie back to back in one storage (the
+    tiles of one cached image): the result may share memory with the processor's cache, read it only."""
+    first = tensors[0]
+    step = first[0].numel() * first.element_size()
+    ptr, rows = first.data_ptr(), 0
+    for t in tensors:
+        if not t.is_contiguous() or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() \
+                or t.data_ptr() != ptr + rows * step or t.shape[1:] != first.shape[1:]:
+            return torch.cat(tensors)
+        rows += t.shape[0]
+    return first.as_strided((rows, *first.shape[1:]), first.stride())
+
+
+def _settings(cfg: NVILAConfig, single: bool) -> tuple:
+    """The config fields that turn a decoded image into pixels and a token block."""
+    return (cfg.image_aspect_ratio, cfg.vision.image_size, cfg.s2_scales, cfg.min_tiles, cfg.max_tiles,
+            cfg.image_mean, cfg.image_std, cfg.projector_type, cfg.vision.grid, single)
+
+
+def _digest(images, settings: tuple) -> str:
+    """Hex SHA-1 of decoded RGB images (sizes and bytes) and the preprocessing settings that turn them
+    into features: two media with equal digests give equal pixels and token blocks."""
+    h = hashlib.sha1(repr(settings).encode())
+    for im in images:
+        h.update(f"{im.mode}{im.size}".encode())
+        h.update(im.tobytes())
+    return h.hexdigest()
 
 
 def _describe(source: Any) -> str:

@@ -133,7 +133,9 @@ class VisionTower(nn.Module):
         patches = emb.patch_embedding(pixels.to(emb.patch_embedding.weight.dtype))  # (N, C, g, g)
         # Position ids are arange(g*g), so the lookup is the whole table; reading the weight directly
         # avoids the non-persistent `position_ids` buffer, which meta-device loading leaves unset.
-        h = patches.flatten(2).transpose(1, 2) + emb.position_embedding.weight  # (N, g*g, C)
+        # contiguous: the transposed view would otherwise make every later op (LayerNorm, the quantized
+        # linears' reshape) copy it again; the values are bitwise the same (RESULTS.md, issue 23).
+        h = (patches.flatten(2).transpose(1, 2) + emb.position_embedding.weight).contiguous()  # (N, g*g, C)
         for layer in self.vision_model.encoder.layers[: self.config.num_layers_used]:
             h = layer(h, None)  # (N, g*g, C)
         if self.config.select_feature == "patch":

@@ -35,8 +35,12 @@ def linear():
     return nn.Linear(256, 96)
 
 
+@pytest.mark.parametrize("kernel", ["auto", *quant_linear.W8A8_CPU_KERNELS])
 @pytest.mark.parametrize("rows", [1, 7, 300])
-def test_w8a8_cpu_kernel_matches_reference(linear, rows):
+def test_w8a8_cpu_kernel_matches_reference(monkeypatch, linear, kernel, rows):
+    if kernel == "onednn" and "onednn" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch build has no onednn quantized engine")
+    monkeypatch.setenv("NVILA_W8A8_CPU_KERNEL", kernel)
     q = W8A8Linear.from_float(linear, input_scale=torch.rand(256) + 0.5)
     x = torch.randn(rows, 256)
     out, ref = q(x), reference_forward(q, x)
@@ -55,6 +59,29 @@ def test_w4a16_cpu_kernel_matches_reference(linear, rows):
     out, ref = q(x), reference_forward(q, x)
     assert out.shape == (2, rows, 96)
     assert _relerr(out, ref) < 1e-2  # bf16 activations in the int4 kernel: ~0.3%
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_w8a8_engines_follow_the_isa_and_the_row_count(monkeypatch, linear, amx):
+    monkeypatch.delenv("NVILA_W8A8_CPU_KERNEL", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    amx_path = amx and "onednn" in torch.backends.quantized.supported_engines
+    engine_before = torch.backends.quantized.engine
+    tower, llm = W8A8Linear.from_float(linear), W8A8Linear.from_float(linear)
+    tower(torch.randn(300, 256))  # only prefill-sized inputs: one packed copy
+    assert set(tower._kernel.packed) == {"onednn" if amx_path else "fbgemm"}
+    small, large = torch.randn(1, 256), torch.randn(300, 256)
+    out_small, out_large = llm(small), llm(large)
+    assert set(llm._kernel.packed) == ({"fbgemm", "onednn"} if amx_path else {"fbgemm"})
+    assert torch.backends.quantized.engine == engine_before  # prepack restores the global engine
+    assert _relerr(out_small, reference_forward(llm, small)) < 4e-2
+    assert _relerr(out_large, reference_forward(llm, large)) < 4e-2
+
+
+def test_unknown_w8a8_kernel_is_a_clear_error(monkeypatch, linear):
+    monkeypatch.setenv("NVILA_W8A8_CPU_KERNEL", "vnni")
+    with pytest.raises(ValueError, match="NVILA_W8A8_CPU_KERNEL='vnni'; valid: auto, fbgemm, onednn"):
+        W8A8Linear.from_float(linear)(torch.randn(1, 256))
 
 
 def test_output_keeps_input_dtype(linear):

@@ -319,3 +319,70 @@ def test_vocab_resized_to_tokenizer_with_mean_rows(tiny_checkpoints, tmp_path):
     assert torch.allclose(emb[151648:], state["model.embed_tokens.weight"].mean(0, keepdim=True).expand(3, -1),
                           atol=1e-6)
     assert torch.equal(emb[:151648], state["model.embed_tokens.weight"])
+
+
+def _image_conv(image):
+    return _user({"type": "image", "image": image}, _text("What is this?"))
+
+
+@pytest.mark.parametrize("which", ["nvila", "lite"])
+def test_processor_reuses_the_tiles_of_an_image_it_has_seen(which, nvila, lite, tiny_checkpoints, monkeypatch):
+    from nvila import processor as processor_module
+    fresh = NVILAProcessor.from_pretrained(tiny_checkpoints["nvila" if which == "nvila" else "nvila-lite"])
+    uncached = NVILAProcessor.from_pretrained(tiny_checkpoints["nvila" if which == "nvila" else "nvila-lite"],
+                                              media_cache_mib=0)
+    calls = []
+    real = processor_module.tiling.to_pixels
+    monkeypatch.setattr(processor_module.tiling, "to_pixels", lambda *a, **k: calls.append(1) or real(*a, **k))
+    image = Image.open(IMAGE).convert("RGB")
+    first, first_infos = fresh.prepare([_image_conv(image)])
+    n = len(calls)
+    again, again_infos = fresh.prepare([_image_conv(image.copy())])  # equal content, another object
+    assert len(calls) == n  # not tiled again
+    plain, plain_infos = uncached.prepare([_image_conv(image)])
+    uncached.prepare([_image_conv(image)])
+    assert len(calls) == 3 * n  # the processor without a cache tiles every time
+    for out in (again, plain):
+        assert torch.equal(out["pixel_values"], first["pixel_values"])
+        assert torch.equal(out["input_ids"], first["input_ids"])
+    assert [i.digest for i in again_infos[0]] == [i.digest for i in first_infos[0]] \
+        == [i.digest for i in plain_infos[0]]
+    assert len({i.digest for i in first_infos[0]}) == len(first_infos[0])  # one digest per medium (Lite: tile)
+    other, other_infos = fresh.prepare([_image_conv(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))])
+    assert not {i.digest for i in other_infos[0]} & {i.digest for i in first_infos[0]}
+    more_tiles = fresh.config.max_tiles + 4  # other settings: another digest, even with equal tiles
+    _, more_infos = fresh.prepare([_image_conv(image)], max_tiles=more_tiles)
+    assert more_infos[0][0].digest != first_infos[0][0].digest
+
+
+def test_processor_image_cache_stays_within_its_bound(tiny_checkpoints):
+    proc = NVILAProcessor.from_pretrained(tiny_checkpoints["nvila"])
+    image = Image.open(IMAGE).convert("RGB")
+    proc.prepare([_image_conv(image)])
+    one = proc._image_cache_bytes
+    proc._image_cache_limit = int(2.5 * one)  # room for two images
+    digests = []
+    for angle in range(1, 6):
+        _, infos = proc.prepare([_image_conv(image.rotate(angle))])
+        digests.append(infos[0][0].digest)
+        assert proc._image_cache_bytes <= proc._image_cache_limit
+        assert proc._image_cache_bytes == sum(it.pixels.numel() * 4 for items in proc._image_cache.values()
+                                              for it in items)
+    assert list(proc._image_cache) == digests[-2:]  # least recently used evicted first
+    small = NVILAProcessor.from_pretrained(tiny_checkpoints["nvila"], media_cache_mib=0)
+    small.prepare([_image_conv(image)])
+    assert not small._image_cache
+
+
+def test_concat_is_a_view_only_for_back_to_back_tiles():
+    from nvila.processor import _concat
+    base = torch.randn(5, 3, 4, 4)
+    parts = [base[i:i + 1] for i in range(5)]
+    joined = _concat(parts)
+    assert torch.equal(joined, base) and joined.data_ptr() == base.data_ptr()
+    assert torch.equal(_concat(parts[1:]), base[1:])
+    shuffled = [parts[2], parts[0]]
+    assert torch.equal(_concat(shuffled), torch.cat(shuffled))
+    assert _concat(shuffled).data_ptr() != base.data_ptr()
+    separate = [torch.randn(1, 3, 4, 4), torch.randn(2, 3, 4, 4)]
+    assert torch.equal(_concat(separate), torch.cat(separate))

@@ -12,11 +12,12 @@ ends only that request with "error"; an exception in the batched decode ends the
 step. The engine keeps serving. Should the scheduler thread itself die, the engine closes and
 everything it holds ends with "abort".
 
-Media features are cached by a hash of their pixels, so a follow-up turn about the same image or
-video does not re-encode it. The KV of every finished request is kept too (``prefix.PrefixCache``,
-bounded, LRU): a request whose prompt starts like a kept one (same ids, same media) copies that KV
-and prefills only the rest, so a follow-up turn of a chat costs its new tokens only. Its metrics
-report the reused positions (``cached_tokens``).
+Media features are cached by their content hash (``MediumInfo.digest``), so a follow-up turn about
+the same image or video does not re-encode it (nor re-tile an image: the processor keeps those). The
+KV of every finished request is kept too (``prefix.PrefixCache``, bounded, LRU): a request whose
+prompt starts like a kept one (same ids, same media) copies that KV and prefills only the rest, so a
+follow-up turn of a chat costs its new tokens only. Its metrics report the reused positions
+(``cached_tokens``).
 
 Per-request rules on the next token go through one hook: a request's logits processors (its own
 ``logits_processors``, then the JSON constraint its ``response_format`` asks for, built at submit)
@@ -50,7 +51,7 @@ from ..timetokens import TimeTokenStream
 from .api import MAX_TOP_LOGPROBS, ConstraintError, GenerationRequest, RequestMetrics, TokenEvent, TokenLogprob
 from .constraints import JsonConstraints, json_schema_of
 from .logprobs import TokenSpeller, token_logprob
-from .prefix import PrefixCache, media_digests, media_positions, media_slices, prompt_key
+from .prefix import PrefixCache, media_positions, media_slices, prompt_key
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +280,7 @@ class Engine:
             raise ValueError(f"the prompt has {n} tokens; the context holds {self.context_length}")
         metrics = RequestMetrics(prompt_tokens=n, visual_tokens=[i.num_visual_tokens for i in infos[0]])
         handle = RequestHandle(f"req-{uuid.uuid4().hex[:16]}", infos[0], metrics)
-        digests = media_digests(inputs, infos[0])
+        digests = [info.digest for info in infos[0]]
         token = {"image": self.model.ids.image, "video": self.model.ids.video}
         positions = media_positions(inputs["input_ids"][0], [(token[i.kind], i.num_visual_tokens) for i in infos[0]])
         key = prompt_key(inputs["input_ids"][0], positions, digests) if self.config.prefix_cache_mib else None

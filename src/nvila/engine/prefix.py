@@ -13,7 +13,6 @@ eviction. An entry whose key is a prefix of a newer one is dropped (the newer on
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -63,12 +62,6 @@ def media_slices(inputs, media: list[MediumInfo]) -> list[tuple[torch.Tensor, li
                     [next(blocks)] if info.kind == "image" else [info.num_tiles]))
         rows[info.kind] += info.num_tiles
     return out
-
-
-def media_digests(inputs, media: list[MediumInfo]) -> list[str]:
-    """Per medium, a hash of its pixels and tiling (the key of its features)."""
-    return [hashlib.sha1(pixels.detach().cpu().numpy().tobytes() + repr(meta).encode()).hexdigest()
-            for pixels, meta in media_slices(inputs, media)]
 
 
 @dataclass

@@ -23,8 +23,9 @@ moved, so a ``load_state_dict`` or ``.to(...)`` never leaves stale packed weight
 Kernels (``KERNELS``: (scheme, device type) -> kernel class), measured on the 2-core AVX2 dev box
 (1 thread, cold weights, 1536 -> 8960, ms; fp32 ``F.linear`` 3.5 at M=1 and 383 at M=1024):
 
-* ``w8a8``/cpu: fbgemm via ``quantized.linear_dynamic`` (per-channel prepacked weight, activations
-  quantized per call with ``reduce_range`` so AVX2's 16-bit pair sums cannot saturate): 0.88 / 57.
+* ``w8a8``/cpu: ``quantized.linear_dynamic`` (per-channel prepacked weight, activations quantized per
+  call with ``reduce_range`` so AVX2's 16-bit pair sums cannot saturate): fbgemm 0.88 / 57; on CPUs
+  with AMX, oneDNN's AMX-int8 GEMM for inputs of 4+ rows (``w8a8_cpu_kernel_names``).
 * ``w4a16``/cpu: chosen by ``w4a16_cpu_kernel_name``. On x86-64 with AVX2, nvila's own kernels
   (``w4a16_cpu.cpp``, compiled at first use by ``cpu_kernels.py``): a fused GEMV with fp32 activations
   for small batches and slab-wise dequantize + MKL fp32 GEMM for large ones, on the checkpoint tensors
@@ -123,19 +124,69 @@ def pick_group_size(in_features: int, preferred: int = 128) -> int:
 
 
 # ------------------------------------------------------------------------------------------ kernels
+_logged: set[tuple] = set()  # (request, choice) pairs already logged once
+W8A8_CPU_KERNELS = ("fbgemm", "onednn")
+
+
+def w8a8_cpu_kernel_names() -> tuple[str, str]:
+    """Which int8 engines run W8A8 on the CPU: (rows < ``_W8A8Cpu.SPLIT_ROWS``, rows >= it).
+
+    ``NVILA_W8A8_CPU_KERNEL`` (default ``auto``) picks by ISA: with AMX tiles (and torch's onednn
+    quantized engine) oneDNN's AMX-int8 GEMM runs prefill-sized inputs and fbgemm the few-row decode
+    calls, where it measured faster (1536 -> 8960, cold weights, 2 threads: M=1 0.57 vs 0.73 ms, M=16
+    1.04 vs 0.75, M=1024 33.7 vs 21.4; benchmarks/RESULTS.md); elsewhere fbgemm for all. ``fbgemm`` or
+    ``onednn`` forces one engine for every call. One INFO record per process and choice.
+    """
+    requested = os.environ.get("NVILA_W8A8_CPU_KERNEL", "auto")
+    if requested not in ("auto", *W8A8_CPU_KERNELS):
+        raise ValueError(f"NVILA_W8A8_CPU_KERNEL={requested!r}; valid: auto, {', '.join(W8A8_CPU_KERNELS)}")
+    onednn_ok = "onednn" in torch.backends.quantized.supported_engines
+    if requested == "auto":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        names = ("fbgemm", "onednn") if amx and onednn_ok else ("fbgemm", "fbgemm")
+    elif requested == "onednn" and not onednn_ok:
+        raise ValueError("NVILA_W8A8_CPU_KERNEL=onednn but this torch build has no onednn quantized engine")
+    else:
+        names = (requested, requested)
+    if (requested, names) not in _logged:
+        _logged.add((requested, names))
+        logger.info("w8a8 on the CPU runs %s", names[0] if names[0] == names[1] else
+                    f"{names[0]} below {_W8A8Cpu.SPLIT_ROWS} rows and {names[1]} (AMX int8) from there")
+    return names
+
+
 class _W8A8Cpu:
-    """fbgemm / x86 dynamic int8 linear; activations quantized per call (per tensor, 7-bit range)."""
+    """Dynamic int8 linear through ``quantized.linear_dynamic``: per-channel int8 weight, activations
+    quantized per call (per tensor, 7-bit range via ``reduce_range`` so AVX2's 16-bit pair sums cannot
+    saturate). The weight is prepacked per engine on the first call that needs it, so a module that only
+    sees large inputs (the vision tower) holds one packed copy and an LLM two (decode and prefill)."""
+
+    SPLIT_ROWS = 4  # measured crossover of fbgemm and oneDNN/AMX (w8a8_cpu_kernel_names)
 
     def __init__(self, m: "W8A8Linear"):
-        zero = torch.zeros(m.out_features, dtype=torch.long)
-        with warnings.catch_warnings():  # quantized-tensor constructors are deprecated but still the API
-            warnings.simplefilter("ignore", UserWarning)
-            qw = torch._make_per_channel_quantized_tensor(m.qweight.cpu(), m.scales.double().cpu(), zero, 0)
-            bias = None if m.bias is None else m.bias.float().cpu()
-            self.packed = torch.ops.quantized.linear_prepack(qw, bias)
+        self.names = w8a8_cpu_kernel_names()
+        self.qweight, self.scales = m.qweight.cpu(), m.scales.double().cpu()
+        self.bias = None if m.bias is None else m.bias.float().cpu()
+        self.packed: dict[str, object] = {}
+
+    def _pack(self, engine: str):
+        previous = torch.backends.quantized.engine
+        zero = torch.zeros(self.qweight.shape[0], dtype=torch.long)
+        try:  # prepack picks its layout from the global engine; restored at once
+            torch.backends.quantized.engine = engine
+            with warnings.catch_warnings():  # quantized-tensor constructors are deprecated but still the API
+                warnings.simplefilter("ignore", UserWarning)
+                qw = torch._make_per_channel_quantized_tensor(self.qweight, self.scales, zero, 0)
+                return torch.ops.quantized.linear_prepack(qw, self.bias)
+        finally:
+            torch.backends.quantized.engine = previous
 
     def __call__(self, x: Tensor) -> Tensor:  # (M, K) float32 -> (M, N) float32
-        return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+        engine = self.names[x.shape[0] >= self.SPLIT_ROWS]
+        packed = self.packed.get(engine)
+        if packed is None:
+            packed = self.packed[engine] = self._pack(engine)
+        return torch.ops.quantized.linear_dynamic(x, packed, True)
 
 
 class _W8A8Cuda:
@@ -211,7 +262,6 @@ class _W4A16Avx2:
 
 
 W4A16_CPU_KERNELS = ("int4pack", "avx2-fp32", "avx2-dyn16", "avx2-dyn8")
-_logged: set[tuple[str, str]] = set()
 
 
 def w4a16_cpu_kernel_name(group_size: int) -> str:
