@@ -39,6 +39,8 @@ from .vision import s2_output_grid
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_MEDIA_CACHE_MIB = 64  # memory for the tiles of recent images (NVILAProcessor)
+
 @dataclass
 class MediumInfo:
     """What one medium became: for reports (CLI, server usage), not for the model."""
@@ -114,7 +116,7 @@ class NVILAProcessor:
     """Chat template, media preprocessing and placeholder expansion for one checkpoint."""
 
     def __init__(self, tokenizer, config: NVILAConfig, *, chat_template: str | None = None,
-                 max_pixels: int = media_io.DEFAULT_MAX_PIXELS, media_cache_mib: int = 64):
+                 max_pixels: int = media_io.DEFAULT_MAX_PIXELS, media_cache_mib: int = DEFAULT_MEDIA_CACHE_MIB):
         """``media_cache_mib``: the tiled pixels of recent images are kept (LRU, this many MiB; 0 for
         none), keyed by their content hash, so a follow-up turn about the same image skips the tiling."""
         self.tokenizer = tokenizer
@@ -139,7 +141,7 @@ class NVILAProcessor:
         ``media_cache_mib`` (``__init__``)."""
         root = check_layout(path, weights=False, local_files_only=local_files_only)
         max_pixels = overrides.pop("max_pixels", media_io.DEFAULT_MAX_PIXELS)
-        media_cache_mib = overrides.pop("media_cache_mib", 64)
+        media_cache_mib = overrides.pop("media_cache_mib", DEFAULT_MEDIA_CACHE_MIB)
         config = NVILAConfig.from_pretrained(root)
         if overrides:
             config = config.with_overrides(**{k: v for k, v in overrides.items() if v is not None})
@@ -322,13 +324,12 @@ class NVILAProcessor:
         tile = cfg.vision.image_size
         tiles, block = _tiles(image, cfg, single=single)
         per_tile = tokens_per_tile(cfg.projector_type, cfg.vision.grid)
+        pixels = tiling.to_pixels(tiles, tile, cfg.image_mean, cfg.image_std)  # (n, 3, S, S)
         if block is not None:
-            pixels = tiling.to_pixels(tiles, tile, cfg.image_mean, cfg.image_std)
             n = per_tile * _num_blocks(cfg, block)
             ids = self._image_start + [self.ids.image] * n + self._image_end
             info = MediumInfo("image", "", len(ids), n, len(tiles), block_size=block, digest=digest)
             return [_Item("image", pixels, block, ids, info)]
-        pixels = tiling.to_pixels(tiles, tile, cfg.image_mean, cfg.image_std)  # (n, 3, S, S)
         out = []
         for i in range(len(tiles)):  # each tile is its own medium, with its own digest; pixels are views
             ids = self._image_start + [self.ids.image] * per_tile + self._image_end
@@ -339,7 +340,7 @@ class NVILAProcessor:
 
     def _remember(self, digest: str, items: list[_Item]) -> None:
         """Keep ``items`` (their pixels are shared with callers: never written) within the byte bound."""
-        size = sum(it.pixels.numel() * it.pixels.element_size() for it in items)
+        size = _nbytes(items)
         if size > self._image_cache_limit:
             return
         with self._image_cache_lock:
@@ -349,7 +350,7 @@ class NVILAProcessor:
             self._image_cache_bytes += size
             while self._image_cache_bytes > self._image_cache_limit:
                 _, old = self._image_cache.popitem(last=False)
-                self._image_cache_bytes -= sum(it.pixels.numel() * it.pixels.element_size() for it in old)
+                self._image_cache_bytes -= _nbytes(old)
 
     def _video_item(self, source: Any, cfg: NVILAConfig, declared_fps: float | None = None) -> _Item:
         video = media_io.load_video(source, num_frames=cfg.num_video_frames, fps=cfg.fps, max_pixels=self.max_pixels)
@@ -388,6 +389,11 @@ def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:
             return torch.cat(tensors)
         rows += t.shape[0]
     return first.as_strided((rows, *first.shape[1:]), first.stride())
+
+
+def _nbytes(items: list[_Item]) -> int:
+    """Bytes of the items' pixels (the views of one image's tiles add up to their tensor)."""
+    return sum(it.pixels.numel() * it.pixels.element_size() for it in items)
 
 
 def _settings(cfg: NVILAConfig, single: bool) -> tuple:
