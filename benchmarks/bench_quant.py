@@ -268,7 +268,7 @@ def main() -> None:
     reps = 2 if args.quick else 3
     new = 8 if args.quick else 24
     print(f"# bench_quant {time.strftime('%Y-%m-%d %H:%M:%S')}  threads={args.threads} quick={args.quick}  "
-          f"torch {torch.__version__}  w8a8 kernels (few rows, many)={w8a8_cpu_kernel_names()}")
+          f"torch {torch.__version__}  w8a8 kernels (1 row, 2-3 rows, 4+ rows)={w8a8_cpu_kernel_names()}")
     print(f"# load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     config = lite_2b_config()
     fp = build_fp32(config)

@@ -210,9 +210,10 @@ def kernels_ran(model) -> dict[str, int]:
         if isinstance(m, qlinear.QuantLinear) and m._kernel is not None:
             k = m._kernel
             if isinstance(k, qlinear._W8A8Cpu):
-                name = f"w8a8: quantized.linear_dynamic ({'+'.join(sorted(k.packed))})"
+                ran = sorted(k.packed) + (["nvila avx2 GEMV"] if k.avx2 else [])
+                name = f"w8a8: {' + '.join(ran)}"
             elif isinstance(k, qlinear._W4A16Avx2):
-                name = f"w4a16: nvila {qlinear.w4a16_cpu_kernel_name(m.group_size)} (w4a16_cpu.cpp)"
+                name = f"w4a16: nvila {qlinear.w4a16_cpu_kernel_name(m.group_size)} (cpu_kernels.cpp)"
             elif isinstance(k, qlinear._W4A16Int4Pack):
                 name = "w4a16: torch _weight_int4pack_mm_for_cpu (bf16)"
             else:
@@ -225,7 +226,7 @@ def kernel_choice() -> dict:
     """What the ISA and settings pick, before anything runs."""
     return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "NVILA_W8A8_CPU_KERNEL": os.environ.get("NVILA_W8A8_CPU_KERNEL", "auto"),
-            "w8a8_kernels_small_large_rows": qlinear.w8a8_cpu_kernel_names(),
+            "w8a8_kernels_1_2to3_4plus_rows": qlinear.w8a8_cpu_kernel_names(),
             "NVILA_W4A16_CPU_KERNEL": os.environ.get("NVILA_W4A16_CPU_KERNEL", "auto"),
             "w4a16_kernel_g128": qlinear.w4a16_cpu_kernel_name(128)}
 

@@ -63,7 +63,7 @@ def main() -> None:
         print(f"not run: llama-cpp-python is not installed ({e}); pip install 'nvila[bench]'")
         return
     print(f"llama.cpp build: {llama_cpp.llama_print_system_info().decode().strip()}", flush=True)
-    print(f"ours: w4a16 kernel {w4a16_cpu_kernel_name(128)}, w8a8 engines (few rows, many) "
+    print(f"ours: w4a16 kernel {w4a16_cpu_kernel_name(128)}, w8a8 kernels (1 row, 2-3 rows, 4+ rows) "
           f"{w8a8_cpu_kernel_names()}; torch {torch.__version__}", flush=True)
     tmp = Path(tempfile.mkdtemp(dir="/tmp"))
     t = time.time()

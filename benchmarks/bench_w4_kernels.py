@@ -11,7 +11,7 @@ down 1536x8960; group size 128; random codes, scales and zero points. Candidates
   ``_weight_int4pack_mm_for_cpu``, output back to fp32, bias added);
 * ``inductor``: ``torch.compile`` of a dequantize-GEMV written in torch ops over the checkpoint's packed
   codes (fp32 math; the fp32 weight is never materialised if inductor fuses it, which it should);
-* ``avx2-fp32``: ``torch.ops.nvila.w4a16_linear_f32`` (w4a16_cpu.cpp; fp32 math);
+* ``avx2-fp32``: ``torch.ops.nvila.w4a16_linear_f32`` (cpu_kernels.cpp; fp32 math);
 * ``avx2-dyn16``: ``torch.ops.nvila.w4a16_linear_dyn16`` (activations int16 per row and group, int16 dots);
 * ``avx2-dyn8``: ``torch.ops.nvila.w4a16_linear_dyn8`` (activations int8 per row and group, u8 x s8 dots).
 
@@ -58,7 +58,7 @@ def main() -> None:
     import torch  # after the environment is set
     from common import cpu_report  # imports torch too
 
-    from nvila.quant.cpu_kernels import load_w4a16_cpu
+    from nvila.quant.cpu_kernels import load_cpu_kernels
 
     print(f"# bench_w4_kernels {time.strftime('%Y-%m-%d %H:%M:%S')}  torch {torch.__version__}  "
           f"capability {torch.backends.cpu.get_cpu_capability()}  emulate_avx2={args.emulate_avx2}")
@@ -66,7 +66,7 @@ def main() -> None:
     print(f"# torch: avx512_bf16 {torch.cpu._is_avx512_bf16_supported()}, amx {torch.cpu._is_amx_tile_supported()}")
     print(f"# load: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
     t = time.perf_counter()
-    if not load_w4a16_cpu():
+    if not load_cpu_kernels():
         print("not run: nvila's AVX2 kernels could not be built here (see the warning above)")
         return
     print(f"# nvila AVX2 kernels loaded in {time.perf_counter() - t:.1f} s")

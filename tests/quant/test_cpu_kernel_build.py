@@ -1,6 +1,6 @@
 """The JIT build of nvila's W4A16 CPU kernel (``nvila.quant.cpu_kernels``), for real, in fresh processes.
 
-Slow (one build of ``w4a16_cpu.cpp``, 10-15 s on 2 cores, into a temporary ``TORCH_EXTENSIONS_DIR``):
+Slow (one build of ``cpu_kernels.cpp``, 10-15 s on 2 cores, into a temporary ``TORCH_EXTENSIONS_DIR``):
 ``make test-slow`` and CI run it. The default tier builds at most once per machine, into the user's cache.
 """
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 PROBE = ("import time; from nvila.quant import cpu_kernels; t = time.perf_counter(); "
-         "print(cpu_kernels.load_w4a16_cpu(), round(time.perf_counter() - t, 2))")
+         "print(cpu_kernels.load_cpu_kernels(), round(time.perf_counter() - t, 2))")
 
 
 def _load(src: Path, extensions: Path) -> tuple[bool, float]:

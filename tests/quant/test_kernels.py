@@ -35,6 +35,12 @@ def linear():
     return nn.Linear(256, 96)
 
 
+def _row_int8_activations(x):
+    """What the avx2 W8A8 GEMV (and the CUDA path) does to its input: symmetric int8 per row."""
+    s = (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
+    return torch.round(x / s).clamp(-127, 127) * s
+
+
 @pytest.mark.parametrize("kernel", ["auto", *quant_linear.W8A8_CPU_KERNELS])
 @pytest.mark.parametrize("rows", [1, 7, 300])
 def test_w8a8_cpu_kernel_matches_reference(monkeypatch, linear, kernel, rows):
@@ -45,11 +51,53 @@ def test_w8a8_cpu_kernel_matches_reference(monkeypatch, linear, kernel, rows):
     x = torch.randn(rows, 256)
     out, ref = q(x), reference_forward(q, x)
     assert out.shape == (rows, 96) and out.dtype == torch.float32
+    ran = q._kernel.kernel(rows)
+    assert kernel in ("auto", ran) or (kernel == "avx2" and ran == "fbgemm" and not cpu_kernels.load_cpu_kernels())
     # the same activation rounding as the kernel: equal up to float summation order
-    emulated = reference_forward(q, _fbgemm_activations(x * q.input_scale) / q.input_scale)
-    assert _relerr(out, emulated) < 2e-3
+    rounding = _row_int8_activations if ran == "avx2" else _fbgemm_activations
+    emulated = reference_forward(q, rounding(x * q.input_scale) / q.input_scale)
+    assert _relerr(out, emulated) < (1e-5 if ran == "avx2" else 2e-3)  # avx2: exact integer dots
     assert _relerr(out, ref) < 4e-2  # fp32 activations: 7-bit rounding of Gaussian data costs ~2-3%
     assert _relerr(ref, linear(x * q.input_scale)) < 1e-2  # int8 weights alone
+
+
+@pytest.mark.parametrize("amx", [True, False])
+@pytest.mark.parametrize("avx2", [True, False])
+def test_w8a8_kernels_follow_the_isa_and_the_row_count(monkeypatch, linear, amx, avx2):
+    monkeypatch.delenv("NVILA_W8A8_CPU_KERNEL", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    if not avx2:
+        monkeypatch.setattr(cpu_kernels, "load_cpu_kernels", lambda: False)
+    one = "avx2" if avx2 and cpu_kernels.load_cpu_kernels() else "fbgemm"
+    many = "onednn" if amx and "onednn" in torch.backends.quantized.supported_engines else "fbgemm"
+    engine_before = torch.backends.quantized.engine
+    tower, llm = W8A8Linear.from_float(linear), W8A8Linear.from_float(linear)
+    tower(torch.randn(300, 256))  # only prefill-sized inputs: one packed copy, no GEMV build
+    assert set(tower._kernel.packed) == {many} and tower._kernel.avx2 is None
+    xs = [torch.randn(rows, 256) for rows in (1, 3, 300)]
+    outs = [llm(x) for x in xs]
+    assert llm._kernel.names == (one, "fbgemm", many)
+    assert [llm._kernel.kernel(rows) for rows in (1, 2, 3, 4, 300)] == [one, "fbgemm", "fbgemm", many, many]
+    assert set(llm._kernel.packed) == {"fbgemm", many}  # the GEMV packs nothing
+    assert torch.backends.quantized.engine == engine_before  # prepack restores the global engine
+    for x, out in zip(xs, outs):
+        assert _relerr(out, reference_forward(llm, x)) < 4e-2
+
+
+def test_a_w8a8_weight_with_code_minus_128_does_not_run_the_avx2_gemv(monkeypatch, linear):
+    monkeypatch.setenv("NVILA_W8A8_CPU_KERNEL", "avx2")
+    q = W8A8Linear.from_float(linear)
+    q.qweight[0, 0] = -128  # outside quantize_w8's range: the GEMV's sign trick needs -127..127
+    x = torch.randn(1, 256)
+    out = q(x)
+    assert q._kernel.names == ("fbgemm",) * 3
+    assert _relerr(out, reference_forward(q, x)) < 4e-2
+
+
+def test_unknown_w8a8_kernel_is_a_clear_error(monkeypatch, linear):
+    monkeypatch.setenv("NVILA_W8A8_CPU_KERNEL", "vnni")
+    with pytest.raises(ValueError, match="NVILA_W8A8_CPU_KERNEL='vnni'; valid: auto, avx2, fbgemm, onednn"):
+        W8A8Linear.from_float(linear)(torch.randn(1, 256))
 
 
 @pytest.mark.parametrize("rows", [1, 5, 300])
@@ -59,29 +107,6 @@ def test_w4a16_cpu_kernel_matches_reference(linear, rows):
     out, ref = q(x), reference_forward(q, x)
     assert out.shape == (2, rows, 96)
     assert _relerr(out, ref) < 1e-2  # bf16 activations in the int4 kernel: ~0.3%
-
-
-@pytest.mark.parametrize("amx", [True, False])
-def test_w8a8_engines_follow_the_isa_and_the_row_count(monkeypatch, linear, amx):
-    monkeypatch.delenv("NVILA_W8A8_CPU_KERNEL", raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    amx_path = amx and "onednn" in torch.backends.quantized.supported_engines
-    engine_before = torch.backends.quantized.engine
-    tower, llm = W8A8Linear.from_float(linear), W8A8Linear.from_float(linear)
-    tower(torch.randn(300, 256))  # only prefill-sized inputs: one packed copy
-    assert set(tower._kernel.packed) == {"onednn" if amx_path else "fbgemm"}
-    small, large = torch.randn(1, 256), torch.randn(300, 256)
-    out_small, out_large = llm(small), llm(large)
-    assert set(llm._kernel.packed) == ({"fbgemm", "onednn"} if amx_path else {"fbgemm"})
-    assert torch.backends.quantized.engine == engine_before  # prepack restores the global engine
-    assert _relerr(out_small, reference_forward(llm, small)) < 4e-2
-    assert _relerr(out_large, reference_forward(llm, large)) < 4e-2
-
-
-def test_unknown_w8a8_kernel_is_a_clear_error(monkeypatch, linear):
-    monkeypatch.setenv("NVILA_W8A8_CPU_KERNEL", "vnni")
-    with pytest.raises(ValueError, match="NVILA_W8A8_CPU_KERNEL='vnni'; valid: auto, fbgemm, onednn"):
-        W8A8Linear.from_float(linear)(torch.randn(1, 256))
 
 
 def test_output_keeps_input_dtype(linear):
@@ -125,11 +150,12 @@ def test_unsupported_device_is_a_clear_error(linear):
         build_kernel(q)
 
 
-# ------------------------------------------------------------------ nvila's AVX2 W4A16 kernels (w4a16_cpu.cpp)
+# --------------------------------------------------------- nvila's AVX2 W4A16 and W8A8 kernels (cpu_kernels.cpp)
 def _avx2_ops():
-    if not cpu_kernels.load_w4a16_cpu():
-        pytest.skip("nvila's AVX2 W4A16 kernel is not available here (it needs x86-64 with AVX2 + FMA, a C++ "
-                    "compiler and ninja; the log says which is missing): W4A16 runs torch's int4pack, tested below")
+    if not cpu_kernels.load_cpu_kernels():
+        pytest.skip("nvila's AVX2 kernels are not available here (they need x86-64 with AVX2 + FMA, a C++ "
+                    "compiler and ninja; the log says which is missing): W4A16 runs torch's int4pack and "
+                    "W8A8 fbgemm, tested above and below")
     return torch.ops.nvila
 
 
@@ -209,6 +235,26 @@ def test_avx2_dequantize_is_exact():
                                rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("n,k,bias", [(96, 256, True), (97, 1536, False), (260, 8960, True), (5, 100, False)])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_avx2_w8a8_gemv_matches_reference(n, k, bias, rows):
+    ops = _avx2_ops()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scales = torch.rand(n, generator=g) * 0.02 + 0.001
+    b = torch.randn(n, generator=g) if bias else None
+    x = torch.randn(rows, k, generator=g)
+    x[0, :k // 2] = 0.0  # a half-zero row
+    out = ops.w8a8_linear_dyn8(x, q, scales, b)
+    w = q.double() * scales.double()[:, None]
+    emulated = F.linear(_row_int8_activations(x).double(), w, None if b is None else b.double())
+    assert out.shape == (rows, n) and out.dtype == torch.float32
+    assert _relerr(out, emulated) < 1e-6  # the same activation rounding: integer dots are exact (k=100: a tail)
+    assert _relerr(out, F.linear(x.double(), w, None if b is None else b.double())) < 2e-2  # int8 rounding: ~0.5-1%
+    zero = ops.w8a8_linear_dyn8(torch.zeros(1, k), q, scales, b)
+    assert torch.equal(zero[0], torch.zeros(n) if b is None else b)
+
+
 def test_avx2_kernels_reject_bad_inputs():
     ops = _avx2_ops()
     m = _random_w4(16, 256, 64, False)
@@ -216,19 +262,27 @@ def test_avx2_kernels_reject_bad_inputs():
         ops.w4a16_linear_f32(torch.randn(1, 256), m.qweight, m.scales, m.zeros, 32, None)
     with pytest.raises(RuntimeError, match="contiguous float32"):
         ops.w4a16_linear_f32(torch.randn(1, 256).double(), m.qweight, m.scales, m.zeros, 64, None)
+    q = torch.zeros(16, 256, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="qweight must be contiguous int8"):
+        ops.w8a8_linear_dyn8(torch.randn(1, 128), q, torch.ones(16), None)
+    with pytest.raises(RuntimeError, match="scales must be contiguous float32"):
+        ops.w8a8_linear_dyn8(torch.randn(1, 256), q, torch.ones(15), None)
 
 
 def test_avx2_results_do_not_depend_on_threads():
     ops = _avx2_ops()
     m = _random_w4(1536, 1536, 128, True)
     x = torch.randn(2, 1536)
-    gemvs = (ops.w4a16_linear_f32, ops.w4a16_linear_dyn16, ops.w4a16_linear_dyn8)
+    gemvs = [functools.partial(op, x, m.qweight, m.scales, m.zeros, 128, m.bias)
+             for op in (ops.w4a16_linear_f32, ops.w4a16_linear_dyn16, ops.w4a16_linear_dyn8)]
+    q8 = torch.randint(-127, 128, (1536, 1536), dtype=torch.int8)
+    gemvs.append(functools.partial(ops.w8a8_linear_dyn8, x, q8, m.scales[:, 0].contiguous(), m.bias))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = [op(x, m.qweight, m.scales, m.zeros, 128, m.bias) for op in gemvs]
+        one = [op() for op in gemvs]
         torch.set_num_threads(2)
-        two = [op(x, m.qweight, m.scales, m.zeros, 128, m.bias) for op in gemvs]
+        two = [op() for op in gemvs]
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(one, two))  # rows are split, never a row's sum
@@ -279,8 +333,8 @@ def _failed_build(monkeypatch):
 
     def load(**kwargs):
         _failed_build.calls += 1
-        raise RuntimeError("Error building extension 'nvila_w4a16_cpu': [1/2] c++ -MMD -c w4a16_cpu.cpp\n"
-                           "w4a16_cpu.cpp:1:10: fatal error: simulated.h: No such file or directory")
+        raise RuntimeError("Error building extension 'nvila_cpu_kernels': [1/2] c++ -MMD -c cpu_kernels.cpp\n"
+                           "cpu_kernels.cpp:1:10: fatal error: simulated.h: No such file or directory")
     monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
     monkeypatch.setenv("CXX", sys.executable)  # found everywhere; never run, load is replaced
     monkeypatch.setattr(cpp_extension, "load", load)
@@ -291,11 +345,11 @@ def _no_avx2(monkeypatch):
 
 
 FALLBACKS = {  # cause -> (level, text of the one note)
-    "no compiler": (_no_compiler, "WARNING", "needs /nonexistent/c++"),
-    "no ninja": (_no_ninja, "WARNING", "needs ninja to build"),
+    "no compiler": (_no_compiler, "WARNING", "need /nonexistent/c++"),
+    "no ninja": (_no_ninja, "WARNING", "need ninja to build"),
     "failed build": (_failed_build, "WARNING",
-                     "could not build nvila's AVX2 W4A16 kernel (w4a16_cpu.cpp:1:10: fatal error"),
-    "no avx2": (_no_avx2, "INFO", "needs an x86-64 CPU with AVX2 and FMA"),
+                     "could not build nvila's AVX2 CPU kernels (cpu_kernels.cpp:1:10: fatal error"),
+    "no avx2": (_no_avx2, "INFO", "need an x86-64 CPU with AVX2 and FMA"),
 }
 
 
@@ -305,7 +359,7 @@ def test_auto_falls_back_to_int4pack_with_one_note(monkeypatch, caplog, tmp_path
     ``NVILA_W4A16_CPU_KERNEL=int4pack``, close to fp32), the build is tried once, and the log has one note."""
     force, level, text = FALLBACKS[cause]
     # a fresh process as far as nvila is concerned: nothing loaded or logged yet; builds go to tmp_path
-    monkeypatch.setattr(cpu_kernels, "load_w4a16_cpu", functools.cache(cpu_kernels.load_w4a16_cpu.__wrapped__))
+    monkeypatch.setattr(cpu_kernels, "load_cpu_kernels", functools.cache(cpu_kernels.load_cpu_kernels.__wrapped__))
     monkeypatch.setattr(quant_linear, "_logged", set())
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.delenv("CXX", raising=False)
@@ -349,7 +403,7 @@ def test_w4a16_on_the_cpu_logs_nothing_at_warning_when_the_kernel_runs(monkeypat
 
 
 def test_group_sizes_the_kernel_does_not_take_use_int4pack(monkeypatch, caplog):
-    monkeypatch.setattr(cpu_kernels, "load_w4a16_cpu", lambda: pytest.fail("no build for group size 32"))
+    monkeypatch.setattr(cpu_kernels, "load_cpu_kernels", lambda: pytest.fail("no build for group size 32"))
     monkeypatch.setattr(quant_linear, "_logged", set())
     monkeypatch.delenv("NVILA_W4A16_CPU_KERNEL", raising=False)
     caplog.set_level(logging.INFO, logger="nvila")
@@ -364,7 +418,7 @@ def test_the_build_directory_depends_on_the_source_not_the_package_location(monk
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     a = cpu_kernels.build_directory(b"int x;", "c++")
     assert a == cpu_kernels.build_directory(b"int x;", "c++") and a.parent == tmp_path
-    assert a.name.startswith("nvila_w4a16_cpu_") and a.name[len("nvila_w4a16_cpu_"):].isalnum()
+    assert a.name.startswith("nvila_cpu_kernels_") and a.name[len("nvila_cpu_kernels_"):].isalnum()
     assert cpu_kernels.build_directory(b"int y;", "c++") != a
 
 

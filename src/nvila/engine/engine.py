@@ -3,7 +3,9 @@
 Contract: ``submit`` runs the processor in the caller's thread (bad input raises there, before
 anything is queued) and returns a handle; one scheduler thread owns the model. Each scheduler
 iteration admits at most one waiting request (its media encoding + prefill), then runs one decode
-step for every running request, so a new request stalls the others for at most one prefill.
+step for every running request, so a new request stalls the others for at most one prefill. On the
+CPU, the thread that builds the engine, each ``submit`` and the idle scheduler free their OpenMP
+worker pools (``openmp.release_pool``), which would otherwise slow a busy scheduler thread's.
 Handles stream ``TokenEvent``s (a blocking iterator and an async iterator).
 
 Every request ends with exactly one final event, whatever fails. An exception while admitting a
@@ -51,6 +53,7 @@ from ..timetokens import TimeTokenStream
 from .api import MAX_TOP_LOGPROBS, ConstraintError, GenerationRequest, RequestMetrics, TokenEvent, TokenLogprob
 from .constraints import JsonConstraints, json_schema_of
 from .logprobs import TokenSpeller, token_logprob
+from .openmp import release_pool
 from .prefix import PrefixCache, media_positions, media_slices, prompt_key
 
 logger = logging.getLogger(__name__)
@@ -240,6 +243,9 @@ class Engine:
         self._wake = threading.Condition()
         self._shutdown = False
         self._fps_warned = False  # a video without a frame rate is reported once per engine, not per request
+        self._cpu = self.model.device.type == "cpu"
+        if self._cpu:  # this thread's OpenMP workers would slow the scheduler's (openmp.py)
+            release_pool()
         self._thread = threading.Thread(target=self._loop, name="nvila-engine", daemon=True)
         self._thread.start()
 
@@ -274,7 +280,11 @@ class Engine:
         if constraint is not None:
             processors.append(constraint)
         submitted = time.perf_counter()
-        inputs, infos = self.processor.prepare([request.messages], add_generation_prompt=True, **request.options)
+        try:
+            inputs, infos = self.processor.prepare([request.messages], add_generation_prompt=True, **request.options)
+        finally:
+            if self._cpu:
+                release_pool()
         n = inputs["input_ids"].shape[1]
         if n >= self.context_length:
             raise ValueError(f"the prompt has {n} tokens; the context holds {self.context_length}")
@@ -353,6 +363,8 @@ class Engine:
             while True:
                 with self._wake:
                     while not self._shutdown and not self._waiting and not self._active:
+                        if self._cpu:  # idle: our OpenMP workers would slow another engine's (openmp.py)
+                            release_pool()
                         self._wake.wait()
                     if self._shutdown:
                         return

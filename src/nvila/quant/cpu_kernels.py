@@ -1,12 +1,13 @@
-"""nvila's own CPU kernels (``w4a16_cpu.cpp``): built with torch's C++ extension JIT at first use.
+"""nvila's own CPU kernels (``cpu_kernels.cpp``): built with torch's C++ extension JIT at first use.
 
-``load_w4a16_cpu()`` compiles the source with ``torch.utils.cpp_extension.load`` (it needs ``ninja`` and a
+``load_cpu_kernels()`` compiles the source with ``torch.utils.cpp_extension.load`` (it needs ``ninja`` and a
 C++ compiler; 10-15 s on 2 cores) the first time a process needs it, and loads it; it registers the ops
 ``torch.ops.nvila.w4a16_linear_f32``, ``w4a16_linear_dyn16``, ``w4a16_linear_dyn8``,
-``w4a16_linear_dequant`` and ``w4a16_dequantize`` (their contracts are in the C++ file) and returns True.
+``w4a16_linear_dequant``, ``w4a16_dequantize`` and ``w8a8_linear_dyn8`` (their contracts are in the C++
+file) and returns True.
 
 The build is cached once per machine, in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
-under ``nvila_w4a16_cpu_<key>``: the key hashes the source, the compiler, the flags, the Python version
+under ``nvila_cpu_kernels_<key>``: the key hashes the source, the compiler, the flags, the Python version
 and the torch installation, so checkouts or wheels with the same source share one build, and another
 torch gets its own. The source is copied there, so the build does not depend on where the package
 lives. Later processes only load the library (~50 ms). Builders take an OS lock (released if the process
@@ -38,7 +39,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_NAME = "nvila_w4a16_cpu"
+_NAME = "nvila_cpu_kernels"
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]  # OpenMP: at::parallel_for runs on torch's own thread pool
 _LDFLAGS = ["-fopenmp"]
 
@@ -88,12 +89,12 @@ def _first_error_line(e: Exception) -> str:
 
 
 @functools.cache
-def load_w4a16_cpu() -> bool:
-    """Build (first time on this machine) and load the AVX2 W4A16 kernels; True when ``torch.ops.nvila`` has
+def load_cpu_kernels() -> bool:
+    """Build (first time on this machine) and load the AVX2 kernels; True when ``torch.ops.nvila`` has
     them. Cached: one attempt, and at most one log note, per process."""
     if not cpu_supports_avx2():
-        logger.info("nvila's W4A16 CPU kernel needs an x86-64 CPU with AVX2 and FMA (torch capability here: %s); "
-                    "using torch's int4 kernel", torch.backends.cpu.get_cpu_capability())
+        logger.info("nvila's CPU kernels need an x86-64 CPU with AVX2 and FMA (torch capability here: %s); "
+                    "using torch's kernels", torch.backends.cpu.get_cpu_capability())
         return False
     from torch.utils import cpp_extension
 
@@ -101,36 +102,37 @@ def load_w4a16_cpu() -> bool:
     missing = [tool for tool, found in ((compiler, shutil.which(compiler)),
                                         ("ninja", cpp_extension.is_ninja_available())) if not found]
     if missing:
-        logger.warning("nvila's AVX2 W4A16 kernel needs %s to build; using torch's int4 kernel instead",
+        logger.warning("nvila's AVX2 CPU kernels need %s to build; using torch's kernels instead",
                        " and ".join(missing))
         return False
     start, caught = time.perf_counter(), []
     try:
-        source = resources.files("nvila.quant").joinpath("w4a16_cpu.cpp").read_bytes()
+        source = resources.files("nvila.quant").joinpath("cpu_kernels.cpp").read_bytes()
         directory = build_directory(source, compiler)
         directory.mkdir(parents=True, exist_ok=True)
-        staged = directory / "w4a16_cpu.cpp"
+        staged = directory / "cpu_kernels.cpp"
         # torch warns about its compiler checks; those go to the log, not to stderr
         with _build_lock(directory), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if not staged.is_file() or staged.read_bytes() != source:  # the key covers the source: written once
-                tmp = directory / f".w4a16_cpu.cpp.{os.getpid()}"
+                tmp = directory / f".cpu_kernels.cpp.{os.getpid()}"
                 tmp.write_bytes(source)
                 os.replace(tmp, staged)
             cpp_extension.load(name=_NAME, sources=[str(staged)], build_directory=str(directory),
                                extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, is_python_module=False,
                                verbose=False)
     except Exception as e:  # a failed build: torch's kernels remain
-        logger.warning("could not build nvila's AVX2 W4A16 kernel (%s); using torch's int4 kernel instead",
+        logger.warning("could not build nvila's AVX2 CPU kernels (%s); using torch's kernels instead",
                        _first_error_line(e))
         return False
     finally:
         for w in caught:
-            logger.info("while building nvila's W4A16 CPU kernel: %s", w.message)
-    logger.debug("nvila's W4A16 CPU kernel loaded from %s in %.1f s", directory, time.perf_counter() - start)
+            logger.info("while building nvila's CPU kernels: %s", w.message)
+    logger.debug("nvila's CPU kernels loaded from %s in %.1f s", directory, time.perf_counter() - start)
     for op in ("w4a16_linear_f32", "w4a16_linear_dyn16", "w4a16_linear_dyn8", "w4a16_linear_dequant"):
         torch.library.register_fake(f"nvila::{op}")(_linear_fake)
     torch.library.register_fake("nvila::w4a16_dequantize")(_dequantize_fake)
+    torch.library.register_fake("nvila::w8a8_linear_dyn8")(_w8a8_fake)
     return True
 
 
@@ -140,3 +142,7 @@ def _linear_fake(x, qweight, scales, zeros, group_size, bias):
 
 def _dequantize_fake(qweight, scales, zeros, group_size):
     return scales.new_empty(qweight.shape[0], qweight.shape[1] * 2)
+
+
+def _w8a8_fake(x, qweight, scales, bias):
+    return x.new_empty(x.shape[0], qweight.shape[0])

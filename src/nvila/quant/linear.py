@@ -23,11 +23,13 @@ moved, so a ``load_state_dict`` or ``.to(...)`` never leaves stale packed weight
 Kernels (``KERNELS``: (scheme, device type) -> kernel class), measured on the 2-core AVX2 dev box
 (1 thread, cold weights, 1536 -> 8960, ms; fp32 ``F.linear`` 3.5 at M=1 and 383 at M=1024):
 
-* ``w8a8``/cpu: ``quantized.linear_dynamic`` (per-channel prepacked weight, activations quantized per
-  call with ``reduce_range`` so AVX2's 16-bit pair sums cannot saturate): fbgemm 0.88 / 57; on CPUs
-  with AMX, oneDNN's AMX-int8 GEMM for inputs of 4+ rows (``w8a8_cpu_kernel_names``).
+* ``w8a8``/cpu (``w8a8_cpu_kernel_names``): at 1 row nvila's AVX2 GEMV on the stored weight
+  (``cpu_kernels.cpp``; 0.86 vs fbgemm's 1.00 at M=1 on this shape); from 2 rows
+  ``quantized.linear_dynamic`` (per-channel prepacked weight, activations quantized per call with
+  ``reduce_range`` so AVX2's 16-bit pair sums cannot saturate): fbgemm (57 at M=1024), and from 4
+  rows oneDNN's AMX-int8 GEMM on CPUs with AMX.
 * ``w4a16``/cpu: chosen by ``w4a16_cpu_kernel_name``. On x86-64 with AVX2, nvila's own kernels
-  (``w4a16_cpu.cpp``, compiled at first use by ``cpu_kernels.py``): a fused GEMV with fp32 activations
+  (``cpu_kernels.cpp``, compiled at first use by ``cpu_kernels.py``): a fused GEMV with fp32 activations
   for small batches and slab-wise dequantize + MKL fp32 GEMM for large ones, on the checkpoint tensors
   as stored. Elsewhere, or without a compiler, ``_weight_int4pack_mm_for_cpu`` with bf16 activations.
   Per Qwen2-1.5B layer at batch 1, weights streamed from DRAM (benchmarks/bench_w4_kernels.py, 2-core
@@ -125,49 +127,81 @@ def pick_group_size(in_features: int, preferred: int = 128) -> int:
 
 # ------------------------------------------------------------------------------------------ kernels
 _logged: set[tuple] = set()  # (request, choice) pairs already logged once
-W8A8_CPU_KERNELS = ("fbgemm", "onednn")
+W8A8_CPU_KERNELS = ("avx2", "fbgemm", "onednn")
 
 
-def w8a8_cpu_kernel_names() -> tuple[str, str]:
-    """Which int8 engines run W8A8 on the CPU: (rows < ``_W8A8Cpu.SPLIT_ROWS``, rows >= it).
+def w8a8_cpu_kernel_names() -> tuple[str, str, str]:
+    """Which kernels run W8A8 on the CPU, by the rows of the input: (1 row, 2-3 rows, 4+ rows)
+    (``_W8A8Cpu.ROW_SPLITS``).
 
-    ``NVILA_W8A8_CPU_KERNEL`` (default ``auto``) picks by ISA: with AMX tiles (and torch's onednn
-    quantized engine) oneDNN's AMX-int8 GEMM runs prefill-sized inputs and fbgemm the few-row decode
-    calls, where it measured faster (1536 -> 8960, cold weights, 2 threads: M=1 0.57 vs 0.73 ms, M=16
-    1.04 vs 0.75, M=1024 33.7 vs 21.4; benchmarks/RESULTS.md); elsewhere fbgemm for all. ``fbgemm`` or
-    ``onednn`` forces one engine for every call. One INFO record per process and choice.
+    ``NVILA_W8A8_CPU_KERNEL`` (default ``auto``) picks by ISA:
+
+    * 1 row (decode at batch 1): nvila's AVX2 GEMV (``cpu_kernels.cpp``, ``w8a8_linear_dyn8``) where it
+      builds, else fbgemm. It streams the weights faster than fbgemm at one row (Qwen2-1.5B shapes,
+      1 thread: 1536 -> 8960 859 vs 996 us, 8960 -> 1536 784 vs 997) but computes each extra row
+      again, so from 2 rows fbgemm is faster (benchmarks/RESULTS.md, issue 23). It is built at the
+      first such call, so a model whose W8A8 layers only see prefill-sized inputs (a quantized vision
+      tower) never builds it;
+    * 2-3 rows: fbgemm;
+    * 4+ rows (prefill, the tower): oneDNN's AMX-int8 GEMM where the CPU has AMX tiles (and torch the
+      onednn quantized engine), else fbgemm (1536 -> 8960, 2 threads: M=16 0.75 vs 1.04 ms, M=1024
+      21.4 vs 33.7).
+
+    ``avx2``, ``fbgemm`` or ``onednn`` forces one kernel for every call (``avx2`` falls back to fbgemm
+    where it cannot build; CPUs without AVX2 get fbgemm from the start). One INFO record per process
+    and choice.
     """
     requested = os.environ.get("NVILA_W8A8_CPU_KERNEL", "auto")
     if requested not in ("auto", *W8A8_CPU_KERNELS):
         raise ValueError(f"NVILA_W8A8_CPU_KERNEL={requested!r}; valid: auto, {', '.join(W8A8_CPU_KERNELS)}")
     onednn_ok = "onednn" in torch.backends.quantized.supported_engines
+    if requested == "onednn" and not onednn_ok:
+        raise ValueError("NVILA_W8A8_CPU_KERNEL=onednn but this torch build has no onednn quantized engine")
     if requested == "auto":
         amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        names = ("fbgemm", "onednn") if amx and onednn_ok else ("fbgemm", "fbgemm")
-    elif requested == "onednn" and not onednn_ok:
-        raise ValueError("NVILA_W8A8_CPU_KERNEL=onednn but this torch build has no onednn quantized engine")
+        names = ("avx2", "fbgemm", "onednn" if amx and onednn_ok else "fbgemm")
     else:
-        names = (requested, requested)
+        names = (requested,) * 3
+    if "avx2" in names and not cpu_kernels.cpu_supports_avx2():
+        names = _without_avx2(names)
     if (requested, names) not in _logged:
         _logged.add((requested, names))
-        logger.info("w8a8 on the CPU runs %s", names[0] if names[0] == names[1] else
-                    f"{names[0]} below {_W8A8Cpu.SPLIT_ROWS} rows and {names[1]} (AMX int8) from there")
+        logger.info("w8a8 on the CPU runs %s", names[0] if len(set(names)) == 1 else
+                    f"{names[0]} at 1 row, {names[1]} at 2-3 rows and {names[2]} from 4 rows")
     return names
 
 
-class _W8A8Cpu:
-    """Dynamic int8 linear through ``quantized.linear_dynamic``: per-channel int8 weight, activations
-    quantized per call (per tensor, 7-bit range via ``reduce_range`` so AVX2's 16-bit pair sums cannot
-    saturate). The weight is prepacked per engine on the first call that needs it, so a module that only
-    sees large inputs (the vision tower) holds one packed copy and an LLM two (decode and prefill)."""
+def _without_avx2(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple("fbgemm" if n == "avx2" else n for n in names)
 
-    SPLIT_ROWS = 4  # measured crossover of fbgemm and oneDNN/AMX (w8a8_cpu_kernel_names)
+
+class _W8A8Cpu:
+    """W8A8 on the CPU, on the module's per-channel int8 weight (N, K); the kernel per call follows
+    the input's rows (``w8a8_cpu_kernel_names``):
+
+    * ``avx2``: nvila's GEMV on the stored weight, no copy; activations quantized per row, symmetric
+      int8 (as on CUDA);
+    * ``fbgemm`` / ``onednn``: ``quantized.linear_dynamic``, activations quantized per call (per tensor,
+      7-bit range via ``reduce_range`` so AVX2's 16-bit pair sums cannot saturate) on a prepacked copy
+      of the weight, built per engine on the first call that needs it: a module that only sees large
+      inputs (the vision tower) holds one packed copy.
+
+    A weight with a code of -128 (not from ``quantize_w8``, which clamps to +-127) runs fbgemm instead
+    of ``avx2``, whose sign trick needs the symmetric range.
+    """
+
+    ROW_SPLITS = (2, 4)  # rows where the kernel changes: measured crossovers (w8a8_cpu_kernel_names)
 
     def __init__(self, m: "W8A8Linear"):
+        self.qweight, self.scales = m.qweight.cpu().contiguous(), m.scales.float().cpu().contiguous()
+        self.bias = None if m.bias is None else m.bias.float().cpu().contiguous()
         self.names = w8a8_cpu_kernel_names()
-        self.qweight, self.scales = m.qweight.cpu(), m.scales.double().cpu()
-        self.bias = None if m.bias is None else m.bias.float().cpu()
+        self.avx2: bool | None = None  # whether the avx2 GEMV runs here: decided at its first call
         self.packed: dict[str, object] = {}
+
+    def kernel(self, rows: int) -> str:
+        """The kernel an input of ``rows`` rows runs on."""
+        return self.names[sum(rows >= split for split in self.ROW_SPLITS)]
 
     def _pack(self, engine: str):
         previous = torch.backends.quantized.engine
@@ -176,13 +210,19 @@ class _W8A8Cpu:
             torch.backends.quantized.engine = engine
             with warnings.catch_warnings():  # quantized-tensor constructors are deprecated but still the API
                 warnings.simplefilter("ignore", UserWarning)
-                qw = torch._make_per_channel_quantized_tensor(self.qweight, self.scales, zero, 0)
+                qw = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zero, 0)
                 return torch.ops.quantized.linear_prepack(qw, self.bias)
         finally:
             torch.backends.quantized.engine = previous
 
     def __call__(self, x: Tensor) -> Tensor:  # (M, K) float32 -> (M, N) float32
-        engine = self.names[x.shape[0] >= self.SPLIT_ROWS]
+        engine = self.kernel(x.shape[0])
+        if engine == "avx2" and self.avx2 is None:  # its first call: build (once per process), check
+            self.avx2 = cpu_kernels.load_cpu_kernels() and not bool((self.qweight == -128).any())
+            if not self.avx2:  # load_cpu_kernels logged why, once
+                self.names, engine = _without_avx2(self.names), "fbgemm"
+        if engine == "avx2":
+            return torch.ops.nvila.w8a8_linear_dyn8(x, self.qweight, self.scales, self.bias)
         packed = self.packed.get(engine)
         if packed is None:
             packed = self.packed[engine] = self._pack(engine)
@@ -237,7 +277,7 @@ class _W4A16Int4Pack:
 
 
 class _W4A16Avx2:
-    """nvila's AVX2 kernels (``w4a16_cpu.cpp``) on the module's own tensors; fp32 activations, no repacking.
+    """nvila's AVX2 kernels (``cpu_kernels.cpp``) on the module's own tensors; fp32 activations, no repacking.
 
     Up to ``GEMV_MAX_ROWS[name]`` rows (decode, small batches) a fused GEMV reads the 4-bit codes once per
     call; above that (prefill) ``w4a16_linear_dequant`` dequantizes slabs of rows for MKL's fp32 GEMM. The
@@ -268,7 +308,7 @@ def w4a16_cpu_kernel_name(group_size: int) -> str:
     """Which CPU W4A16 kernel runs: ``NVILA_W4A16_CPU_KERNEL`` if set (``auto`` by default).
 
     ``auto`` is ``avx2-fp32`` on x86-64 CPUs with AVX2 and FMA, for group sizes that are multiples of 64,
-    when the kernel builds (``cpu_kernels.load_w4a16_cpu``, first use only); otherwise ``int4pack``.
+    when the kernel builds (``cpu_kernels.load_cpu_kernels``, first use only); otherwise ``int4pack``.
     ``avx2-fp32`` keeps the activations in fp32 and was faster than ``int4pack`` both with native bf16
     (1.24x cold at 1 thread) and with torch limited to AVX2 (1.72x); the int16/int8-activation variants
     ``avx2-dyn16`` / ``avx2-dyn8`` are faster still but round the activations per group of
@@ -286,10 +326,10 @@ def w4a16_cpu_kernel_name(group_size: int) -> str:
     elif group_size % 64 or (name == "avx2-dyn8" and group_size > 256):
         name, note = "int4pack", (f"w4a16 group size {group_size}: nvila's {name} kernel takes multiples of 64"
                                   f"{' up to 256' if name == 'avx2-dyn8' else ''}; using torch's int4 kernel")
-    elif cpu_kernels.load_w4a16_cpu():
+    elif cpu_kernels.load_cpu_kernels():
         note = f"w4a16 on the CPU runs the {name} kernel"
     else:
-        name, note = "int4pack", None  # load_w4a16_cpu logged why, once
+        name, note = "int4pack", None  # load_cpu_kernels logged why, once
     if note is not None and (requested, note) not in _logged:
         _logged.add((requested, note))
         logger.info(note)
