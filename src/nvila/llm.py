@@ -12,7 +12,8 @@ Two ways to run it:
   engine, and through them ``nvila infer``, ``nvila eval``, the demo and the server): prefill and
   one-token decode over a preallocated ``KVCache``, reusing the module's projections, norms, MLP and
   rotary tables. With ``attention="sdpa"`` a single row's logits are bitwise those of transformers'
-  forward with its own cache.
+  forward with its own cache. A short continuation of a reused prefix (a follow-up turn) runs its
+  float32 CPU linears on oneDNN instead (``_onednn_linear``), equal to float rounding.
 """
 
 from __future__ import annotations
@@ -154,6 +155,27 @@ def decode_attention(name: str, device: torch.device) -> str:
     return name
 
 
+CONTINUATION_ROWS = 64  # a prefill after a reused prefix with at most this many tokens may run oneDNN
+
+
+def _call(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return m(x)
+
+
+def _onednn_linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m(x)``; a float32 ``nn.Linear`` runs oneDNN's matmul on its plain weight (no packed copy).
+
+    For a few rows on the CPU it beat MKL's sgemm, which ``F.linear`` runs: 1536 -> 8960 at 2
+    threads, 4.02 vs 5.61 ms at 31 rows and 2.28 vs 3.66 at 4 (benchmarks/RESULTS.md, issue 23). The
+    sums are ordered differently (about 1e-6 relative to MKL's). Other modules (quantized linears)
+    run as they are.
+    """
+    if type(m) is not nn.Linear:
+        return m(x)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), m.weight, m.bias, "none", [], "")
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
 class Runner:
     """Prefill and decode steps of a transformers ``Qwen2ForCausalLM`` over a ``KVCache``.
 
@@ -172,21 +194,28 @@ class Runner:
         self.attention = DECODE_ATTENTION[decode_attention(attention, weight.device)]
         self.cache = KVCache(cfg.num_hidden_layers, slots, self.kv_heads, max_len, self.head_dim,
                              weight.dtype, weight.device)
+        # a short continuation of a reused prefix (a follow-up turn) runs its float32 linears on oneDNN
+        self.onednn_continuations = (weight.device.type == "cpu" and weight.dtype == torch.float32
+                                     and torch.backends.mkldnn.is_available()
+                                     and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
-    def _qkv(self, attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv(self, attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, linear=_call):
         b, n, _ = h.shape
-        q = attn.q_proj(h).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, n, hd)
-        k = attn.k_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, n, hd)
-        v = attn.v_proj(h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q = linear(attn.q_proj, h).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, n, hd)
+        k = linear(attn.k_proj, h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, n, hd)
+        v = linear(attn.v_proj, h).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         return q, k, v
 
     @torch.inference_mode()
     def prefill(self, slot: int, embeds: torch.Tensor, start: int = 0) -> torch.Tensor:
         """Run ``embeds`` (1, n, H) at positions ``start..start+n-1`` into ``slot``; returns the last
-        position's logits (V,)."""
+        position's logits (V,). A continuation (``start`` > 0) of at most ``CONTINUATION_ROWS`` tokens
+        runs float32 CPU linears on oneDNN (``_onednn_linear``); a whole prompt runs them as the
+        modules do, which keeps its logits those of transformers' forward."""
         model = self.llm.model
         n = embeds.shape[1]
+        linear = _onednn_linear if self.onednn_continuations and start and n <= CONTINUATION_ROWS else _call
         end = start + n
         if end > self.cache.max_len:
             raise ValueError(f"prompt of {end} tokens exceeds the engine's context of {self.cache.max_len}")
@@ -198,15 +227,16 @@ class Runner:
         cos, sin = model.rotary_emb(x, positions)
         for i, layer in enumerate(model.layers):
             attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin, linear)
             self.cache.k[i, slot, :, start:end] = k[0]
             self.cache.v[i, slot, :, start:end] = v[0]
             if start:
                 k, v = self.cache.k[i, slot:slot + 1, :, :end], self.cache.v[i, slot:slot + 1, :, :end]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, is_causal=causal is None, scale=attn.scaling,
                                                enable_gqa=self.heads != self.kv_heads)  # (1, nh, n, hd)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + linear(attn.o_proj, o.transpose(1, 2).reshape(1, n, -1))
+            h, mlp = layer.post_attention_layernorm(x), layer.mlp  # Qwen2MLP's forward, op for op
+            x = x + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, h)) * linear(mlp.up_proj, h))
         return self.llm.lm_head(model.norm(x[:, -1:]))[0, -1]
 
     @torch.inference_mode()

@@ -131,6 +131,39 @@ def test_generate_matches_transformers_decoding_bitwise(nvila):
         assert torch.equal(a, b.float())
 
 
+def test_a_short_continuation_runs_its_linears_on_onednn_and_matches_the_module_path(nvila, monkeypatch):
+    """A prefill after a reused prefix of at most CONTINUATION_ROWS tokens (a follow-up turn) runs
+    float32 CPU linears through oneDNN; its logits and K/V match the modules' own to float rounding,
+    and a whole prompt or a longer continuation keeps the modules (the bitwise test above)."""
+    from nvila import llm as llm_module
+
+    _, model = nvila
+    runner = llm_module.Runner(model.llm, 1, 256)
+    if not runner.onednn_continuations:
+        pytest.skip(f"no oneDNN linear in this torch build (mkldnn available: {torch.backends.mkldnn.is_available()})")
+    calls = []
+    onednn = llm_module._onednn_linear
+    monkeypatch.setattr(llm_module, "_onednn_linear", lambda m, x: (calls.append(x.shape[-2]), onednn(m, x))[1])
+    embeds = model.llm.get_input_embeddings()(torch.arange(3, 3 + 150)[None] % model.llm.config.vocab_size)
+
+    def run(split: int, onednn_on: bool):
+        runner.onednn_continuations = onednn_on
+        runner.prefill(0, embeds[:, :split])
+        logits = runner.prefill(0, embeds[:, split:], start=split)
+        return logits, runner.cache.k[:, 0, :, :150].clone()
+
+    module_logits, module_k = run(120, False)
+    assert calls == []
+    logits, k = run(120, True)  # 30 new tokens: oneDNN
+    assert calls and set(calls) == {30}
+    torch.testing.assert_close(logits, module_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(k, module_k, rtol=1e-4, atol=1e-5)
+    calls.clear()
+    run(150 - llm_module.CONTINUATION_ROWS - 1, True)  # one row too many: the modules
+    runner.prefill(0, embeds)  # a whole prompt: the modules
+    assert calls == []
+
+
 def test_generate_logits_processors_and_a_growing_cache(nvila):
     """Per-row processors steer each row and ``accept`` ends it; decoding past the first cache
     allocation (256 new positions) grows the cache without changing the ids."""
