@@ -18,6 +18,8 @@ Two ways to run it:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
 from .config import LLMConfig
+
+logger = logging.getLogger(__name__)
 
 
 def hf_config(cfg: LLMConfig, vocab_size: int | None = None) -> Qwen2Config:
@@ -212,10 +216,21 @@ class Runner:
         """Run ``embeds`` (1, n, H) at positions ``start..start+n-1`` into ``slot``; returns the last
         position's logits (V,). A continuation (``start`` > 0) of at most ``CONTINUATION_ROWS`` tokens
         runs float32 CPU linears on oneDNN (``_onednn_linear``); a whole prompt runs them as the
-        modules do, which keeps its logits those of transformers' forward."""
+        modules do, which keeps its logits those of transformers' forward. Should oneDNN's op fail
+        (it is a private torch op), the step runs again on the modules, which every later one keeps
+        to, after one warning."""
+        if self.onednn_continuations and start and embeds.shape[1] <= CONTINUATION_ROWS:
+            try:
+                return self._prefill(slot, embeds, start, _onednn_linear)
+            except RuntimeError as e:  # rerunning rewrites the same cache positions
+                self.onednn_continuations = False
+                logger.warning("oneDNN's linear failed (%s); prefill continuations use the modules' linears",
+                               str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+        return self._prefill(slot, embeds, start, _call)
+
+    def _prefill(self, slot: int, embeds: torch.Tensor, start: int, linear) -> torch.Tensor:
         model = self.llm.model
         n = embeds.shape[1]
-        linear = _onednn_linear if self.onednn_continuations and start and n <= CONTINUATION_ROWS else _call
         end = start + n
         if end > self.cache.max_len:
             raise ValueError(f"prompt of {end} tokens exceeds the engine's context of {self.cache.max_len}")

@@ -164,6 +164,29 @@ def test_a_short_continuation_runs_its_linears_on_onednn_and_matches_the_module_
     assert calls == []
 
 
+def test_a_failing_onednn_linear_falls_back_to_the_modules_with_one_warning(nvila, monkeypatch, caplog):
+    from nvila import llm as llm_module
+
+    _, model = nvila
+    runner = llm_module.Runner(model.llm, 1, 256)
+    runner.onednn_continuations = True
+
+    def broken(m, x):
+        raise RuntimeError("could not create a primitive\nmore detail")
+
+    monkeypatch.setattr(llm_module, "_onednn_linear", broken)
+    embeds = model.llm.get_input_embeddings()(torch.arange(3, 3 + 40)[None] % model.llm.config.vocab_size)
+    runner.prefill(0, embeds[:, :30])
+    with caplog.at_level("WARNING", logger="nvila.llm"):
+        got = runner.prefill(0, embeds[:, 30:], start=30)
+        runner.prefill(0, embeds[:, 30:], start=30)
+    assert runner.onednn_continuations is False
+    assert [r.getMessage() for r in caplog.records] == [
+        "oneDNN's linear failed (could not create a primitive); prefill continuations use the modules' linears"]
+    runner.prefill(0, embeds[:, :30])
+    torch.testing.assert_close(got, runner.prefill(0, embeds[:, 30:], start=30), rtol=0, atol=0)
+
+
 def test_generate_logits_processors_and_a_growing_cache(nvila):
     """Per-row processors steer each row and ``accept`` ends it; decoding past the first cache
     allocation (256 new positions) grows the cache without changing the ids."""
