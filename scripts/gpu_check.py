@@ -5,7 +5,9 @@
     python scripts/gpu_check.py --device cpu --quick # the same script on the CPU (a dry run of it)
     python scripts/gpu_check.py --sections parity,engine --json out.json
 
-Sections (each prints rows ``section | check | value | verdict``; a failed check exits 1):
+Sections (each prints rows ``section | check | value | verdict``; a failed check exits 1; a section
+that raises is one failed row with the exception, its traceback goes to stderr, and the next section
+runs):
 
 * ``parity``: the golden cases (tests/assets/golden) on the golden tiny checkpoints, rebuilt by
   tests/golden_checkpoints.py, in float32 with TF32 off: max |Δ| of the last two positions' logits
@@ -17,6 +19,10 @@ Sections (each prints rows ``section | check | value | verdict``; a failed check
 * ``quant``: ``nvila quantize`` (W8A8 towers, W4A16 LLM) on the tiny NVILA checkpoint on the device,
   then the quantized model decodes through the engine; and the kernels alone (W8A8 ``_int_mm``,
   W4A16 tinygemm) against ``F.linear`` on the dequantized weights: max relative error;
+* ``fp8``: the FP8 training GEMM (``nvila.train.fp8.fp8_mm``: ``torch._scaled_mm`` on CUDA sm89+,
+  dequantize + matmul elsewhere) against the float32 product of the same dequantized operands
+  (relative error <= 1e-3), and one linear's forward + backward at the Qwen2-1.5B MLP shape,
+  ``F.linear`` in bf16 (float32 on CPU) against ``fp8_linear``: milliseconds each;
 * ``speed``: TTFT and decode tokens/s of the NVILA-Lite-2B shape (random weights, one 896x896 image)
   through the engine, against transformers' Qwen2-VL-2B shape on the same image and prompt
   (benchmarks/bench_engine.py builds both), in bf16 on CUDA (float32 on CPU).
@@ -32,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -45,6 +52,7 @@ from nvila_testing import GOLDEN, golden_case  # noqa: E402
 from nvila import NVILAForConditionalGeneration, NVILAProcessor  # noqa: E402
 from nvila.engine import Engine, EngineConfig, GenerationRequest  # noqa: E402
 
+SECTIONS = ("parity", "engine", "quant", "fp8", "speed")
 CASES = ["nvila__text", "nvila__image", "nvila-lite__image", "nvila-video__video"]
 TOL = 1e-4
 
@@ -159,6 +167,40 @@ def check_quant(t: Table, ckpts: dict[str, Path], device: torch.device, work: Pa
             t.add("quant", f"{name} kernel on {device.type}", f"{type(e).__name__}: {str(e)[:60]}", False)
 
 
+def check_fp8(t: Table, device: torch.device, quick: bool) -> None:
+    from nvila.train.fp8 import E4M3, fp8_linear, fp8_mm, quantize
+
+    torch.manual_seed(0)
+    n, k, m = (256, 256, 512) if quick else (4096, 1536, 8960)  # tokens, in, out (Qwen2-1.5B MLP up)
+    x, w = torch.randn(n, k, device=device), torch.randn(m, k, device=device) * 0.02
+    qx, qw = quantize(x, E4M3), quantize(w, E4M3)
+    fused = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    got = fp8_mm(qx, qw, transpose_b=True, out_dtype=torch.float32)
+    ref = qx.dequantize(torch.float32) @ qw.dequantize(torch.float32).t()
+    rel = ((got - ref).norm() / ref.norm()).item()
+    t.add("fp8", f"fp8_mm ({'_scaled_mm' if fused else 'dequantize + matmul'}) vs float32, relative error",
+          f"{rel:.2e}", rel <= 1e-3)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    xs, ws = x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+    grad = torch.randn(n, m, device=device, dtype=dtype)
+
+    def ms(fn) -> float:
+        for _ in range(3):  # warm-up
+            fn(xs, ws).backward(grad)
+        times = []
+        for _ in range(5 if quick else 20):
+            sync(device)
+            t0 = time.perf_counter()
+            fn(xs, ws).backward(grad)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    plain, fp8 = ms(torch.nn.functional.linear), ms(fp8_linear)
+    label = str(dtype).removeprefix("torch.")
+    t.add("fp8", f"linear {n}x{k}->{m} fwd+bwd: {label} F.linear / fp8_linear", f"{plain:.2f} / {fp8:.2f} ms")
+
+
 def check_speed(t: Table, device: torch.device, quick: bool) -> None:
     import bench_engine as B
 
@@ -207,7 +249,7 @@ def check_speed(t: Table, device: torch.device, quick: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", help="torch device (default: cuda)")
-    ap.add_argument("--sections", default="parity,engine,quant,speed", help="comma-separated subset")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and one pair in the speed section")
     ap.add_argument("--json", type=Path, help="also write the table here")
     args = ap.parse_args(argv)
@@ -217,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                          "for a dry run\n")
         return 2
     sections = args.sections.split(",")
-    unknown = set(sections) - {"parity", "engine", "quant", "speed"}
+    unknown = set(sections) - set(SECTIONS)
     if unknown:
-        sys.stderr.write(f"gpu_check: error: unknown sections {sorted(unknown)}; valid: parity, engine, quant, speed\n")
+        sys.stderr.write(f"gpu_check: error: unknown sections {sorted(unknown)}; valid: {', '.join(SECTIONS)}\n")
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -231,14 +273,19 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         tokenizer = unpack_tokenizer(work / "tokenizer")
         ckpts = {v: build_checkpoint(v, work / v, tokenizer) for v in VARIANTS}
-        if "parity" in sections:
-            check_parity(t, ckpts, device)
-        if "engine" in sections:
-            check_engine(t, ckpts, device, dtypes)
-        if "quant" in sections:
-            check_quant(t, ckpts, device, work)
-        if "speed" in sections:
-            check_speed(t, device, args.quick)
+        run = {"parity": lambda: check_parity(t, ckpts, device),
+               "engine": lambda: check_engine(t, ckpts, device, dtypes),
+               "quant": lambda: check_quant(t, ckpts, device, work),
+               "fp8": lambda: check_fp8(t, device, args.quick),
+               "speed": lambda: check_speed(t, device, args.quick)}
+        for section in SECTIONS:
+            if section not in sections:
+                continue
+            try:
+                run[section]()
+            except Exception as e:  # one section's failure is a row; the others still run
+                traceback.print_exc()
+                t.add(section, "section raised", f"{type(e).__name__}: {str(e)[:60]}", False)
     if args.json:
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": t.rows}, indent=1))
     sys.stdout.write(f"{len(t.rows)} checks, {t.failed} failed\n")

@@ -18,12 +18,13 @@ REPO = Path(__file__).resolve().parents[2]
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "table.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cpu",
-                           "--sections", "parity,engine,quant", "--json", str(out)],
+                           "--sections", "parity,engine,quant,fp8", "--quick", "--json", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert {r["section"] for r in rows} == {"parity", "engine", "quant"}
-    assert all(r["verdict"] == "ok" for r in rows), rows
+    assert {r["section"] for r in rows} == {"parity", "engine", "quant", "fp8"}
+    assert [r for r in rows if r["verdict"] == "FAIL"] == []
+    assert all(r["verdict"] == "ok" for r in rows if "fwd+bwd" not in r["check"]), rows  # timings: no verdict
 
 
 def test_gpu_check_without_cuda_is_a_one_line_error(monkeypatch, capsys):
