@@ -210,7 +210,7 @@ def kernels_ran(model) -> dict[str, int]:
         if isinstance(m, qlinear.QuantLinear) and m._kernel is not None:
             k = m._kernel
             if isinstance(k, qlinear._W8A8Cpu):
-                ran = sorted(k.packed) + (["nvila avx2 GEMV"] if k.avx2 else [])
+                ran = sorted(k.packed) + ([f"nvila {k.names[0]} GEMV"] if k.gemv_ok else [])
                 name = f"w8a8: {' + '.join(ran)}"
             elif isinstance(k, qlinear._W4A16Avx2):
                 name = f"w4a16: nvila {qlinear.w4a16_cpu_kernel_name(m.group_size)} (cpu_kernels.cpp)"

@@ -12,6 +12,8 @@ down 1536x8960; group size 128; random codes, scales and zero points. Candidates
 * ``inductor``: ``torch.compile`` of a dequantize-GEMV written in torch ops over the checkpoint's packed
   codes (fp32 math; the fp32 weight is never materialised if inductor fuses it, which it should);
 * ``avx2-fp32``: ``torch.ops.nvila.w4a16_linear_f32`` (cpu_kernels.cpp; fp32 math);
+* ``avx512-fp32``: ``w4a16_linear_f32_avx512``, the same with 512-bit vectors (only where torch's CPU
+  capability is AVX512, so not under ``--emulate-avx2``);
 * ``avx2-dyn16``: ``torch.ops.nvila.w4a16_linear_dyn16`` (activations int16 per row and group, int16 dots);
 * ``avx2-dyn8``: ``torch.ops.nvila.w4a16_linear_dyn8`` (activations int8 per row and group, u8 x s8 dots).
 
@@ -114,11 +116,13 @@ class Bench:
             return [[(lambda x, m=m: op(x, m.qweight, m.scales, m.zeros, GROUP, m.bias)) for m in layer]
                     for layer in self.mods]
 
+        avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
         # name -> (per-layer lists of callables, weight bytes per token-layer)
         self.candidates = {
             "fp32": ([[(lambda x, w=w, b=b: F.linear(x, w, b)) for w, b in layer] for layer in self.dense], fp_bytes),
             "int4pack": (pack, self.int4pack_bytes),
             "avx2-fp32": (native(ops.w4a16_linear_f32), w4_bytes),
+            **({"avx512-fp32": (native(ops.w4a16_linear_f32_avx512), w4_bytes)} if avx512 else {}),
             "avx2-dyn16": (native(ops.w4a16_linear_dyn16), w4_bytes),
             "avx2-dyn8": (native(ops.w4a16_linear_dyn8), w4_bytes),
         }
@@ -220,10 +224,13 @@ class Bench:
         pack = self.pack[0][4]
         ops = torch.ops.nvila
         w32 = m.dequantized_weight()
+        avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
         cands = {
             "fp32": lambda x: F.linear(x, w32),
             "int4pack": pack,
             "avx2-fp32": lambda x: ops.w4a16_linear_f32(x, m.qweight, m.scales, m.zeros, GROUP, None),
+            **({"avx512-fp32": lambda x: ops.w4a16_linear_f32_avx512(x, m.qweight, m.scales, m.zeros, GROUP, None)}
+               if avx512 else {}),
             "avx2-dyn16": lambda x: ops.w4a16_linear_dyn16(x, m.qweight, m.scales, m.zeros, GROUP, None),
             "avx2-dyn8": lambda x: ops.w4a16_linear_dyn8(x, m.qweight, m.scales, m.zeros, GROUP, None),
             "dequant+mkl": lambda x: ops.w4a16_linear_dequant(x, m.qweight, m.scales, m.zeros, GROUP, None),

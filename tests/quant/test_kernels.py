@@ -52,28 +52,35 @@ def test_w8a8_cpu_kernel_matches_reference(monkeypatch, linear, kernel, rows):
     out, ref = q(x), reference_forward(q, x)
     assert out.shape == (rows, 96) and out.dtype == torch.float32
     ran = q._kernel.kernel(rows)
-    assert kernel in ("auto", ran) or (kernel == "avx2" and ran == "fbgemm" and not cpu_kernels.load_cpu_kernels())
+    gemv = ran in ("avx2", "avx512-vnni")
+    assert kernel in ("auto", ran) or (kernel == "avx512-vnni" and ran == "avx2"
+                                       and not cpu_kernels.cpu_supports_avx512_vnni()) or (
+        kernel in ("avx2", "avx512-vnni") and ran == "fbgemm" and not cpu_kernels.load_cpu_kernels())
     # the same activation rounding as the kernel: equal up to float summation order
-    rounding = _row_int8_activations if ran == "avx2" else _fbgemm_activations
+    rounding = _row_int8_activations if gemv else _fbgemm_activations
     emulated = reference_forward(q, rounding(x * q.input_scale) / q.input_scale)
-    assert _relerr(out, emulated) < (1e-5 if ran == "avx2" else 2e-3)  # avx2: exact integer dots
+    assert _relerr(out, emulated) < (1e-5 if gemv else 2e-3)  # nvila's GEMVs: exact integer dots
     assert _relerr(out, ref) < 4e-2  # fp32 activations: 7-bit rounding of Gaussian data costs ~2-3%
     assert _relerr(ref, linear(x * q.input_scale)) < 1e-2  # int8 weights alone
 
 
 @pytest.mark.parametrize("amx", [True, False])
 @pytest.mark.parametrize("avx2", [True, False])
-def test_w8a8_kernels_follow_the_isa_and_the_row_count(monkeypatch, linear, amx, avx2):
+@pytest.mark.parametrize("vnni", [True, False])
+def test_w8a8_kernels_follow_the_isa_and_the_row_count(monkeypatch, linear, amx, avx2, vnni):
     monkeypatch.delenv("NVILA_W8A8_CPU_KERNEL", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    if vnni and not cpu_kernels.cpu_supports_avx512_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI: the avx512-vnni GEMV cannot run here")
+    monkeypatch.setattr(cpu_kernels, "cpu_supports_avx512_vnni", lambda: vnni)
     if not avx2:
         monkeypatch.setattr(cpu_kernels, "load_cpu_kernels", lambda: False)
-    one = "avx2" if avx2 and cpu_kernels.load_cpu_kernels() else "fbgemm"
+    one = ("avx512-vnni" if vnni else "avx2") if avx2 and cpu_kernels.load_cpu_kernels() else "fbgemm"
     many = "onednn" if amx and "onednn" in torch.backends.quantized.supported_engines else "fbgemm"
     engine_before = torch.backends.quantized.engine
     tower, llm = W8A8Linear.from_float(linear), W8A8Linear.from_float(linear)
     tower(torch.randn(300, 256))  # only prefill-sized inputs: one packed copy, no GEMV build
-    assert set(tower._kernel.packed) == {many} and tower._kernel.avx2 is None
+    assert set(tower._kernel.packed) == {many} and tower._kernel.gemv_ok is None
     xs = [torch.randn(rows, 256) for rows in (1, 3, 300)]
     outs = [llm(x) for x in xs]
     assert llm._kernel.names == (one, "fbgemm", many)
@@ -94,9 +101,32 @@ def test_a_w8a8_weight_with_code_minus_128_does_not_run_the_avx2_gemv(monkeypatc
     assert _relerr(out, reference_forward(q, x)) < 4e-2
 
 
+def test_the_vnni_gemv_takes_code_minus_128_and_equals_the_avx2_one(monkeypatch, linear):
+    ops = _avx2_ops()
+    if not cpu_kernels.cpu_supports_avx512_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI: the avx512-vnni GEMV cannot run here")
+    g = torch.Generator().manual_seed(0)
+    for n, k, rows in ((96, 256, 1), (37, 100, 3), (8960, 1536, 2)):  # K with and without a 64-byte tail
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        scales, bias, x = torch.rand(n, generator=g) * 0.01, torch.randn(n, generator=g), torch.randn(rows, k, generator=g)
+        assert torch.equal(ops.w8a8_linear_vnni(x, q, scales, bias), ops.w8a8_linear_dyn8(x, q, scales, bias))
+        q[:, :3] = -128
+        c = _row_int8_activations(x) / (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)  # the codes
+        ref = (c.round().double() @ q.double().t()) * (x.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8).double()
+        ref = ref * scales.double() + bias.double()
+        assert _relerr(ops.w8a8_linear_vnni(x, q, scales, bias), ref) < 1e-6
+    monkeypatch.setenv("NVILA_W8A8_CPU_KERNEL", "avx512-vnni")
+    m = W8A8Linear.from_float(linear)
+    m.qweight[0, 0] = -128
+    x = torch.randn(1, 256)
+    out = m(x)
+    assert m._kernel.names == ("avx512-vnni",) * 3 and m._kernel.gemv_ok
+    assert _relerr(out, reference_forward(m, x)) < 4e-2
+
+
 def test_unknown_w8a8_kernel_is_a_clear_error(monkeypatch, linear):
     monkeypatch.setenv("NVILA_W8A8_CPU_KERNEL", "vnni")
-    with pytest.raises(ValueError, match="NVILA_W8A8_CPU_KERNEL='vnni'; valid: auto, avx2, fbgemm, onednn"):
+    with pytest.raises(ValueError, match="NVILA_W8A8_CPU_KERNEL='vnni'; valid: auto, avx2, avx512-vnni, fbgemm, onednn"):
         W8A8Linear.from_float(linear)(torch.randn(1, 256))
 
 
@@ -194,6 +224,58 @@ def test_avx2_fp32_gemv_matches_reference(n, k, group_size, bias, rows):
     assert _relerr(ops.w4a16_linear_f32(x, m.qweight, m.scales, m.zeros, group_size, m.bias), out) == 0.0
 
 
+def _avx512_ops():
+    ops = _avx2_ops()
+    if not cpu_kernels.cpu_supports_avx512():
+        pytest.skip(f"this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}) has no AVX-512: "
+                    "the avx512-fp32 kernel cannot run here; W4A16 runs avx2-fp32, tested above")
+    return ops
+
+
+@pytest.mark.parametrize("n,k,group_size,bias", [s for s in SHAPES if s[2] % 128 == 0] + [(5, 1024, 1024, True)])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_avx512_fp32_gemv_matches_reference(n, k, group_size, bias, rows):
+    ops = _avx512_ops()
+    m = _random_w4(n, k, group_size, bias)
+    x = torch.randn(rows, k)
+    out = ops.w4a16_linear_f32_avx512(x, m.qweight, m.scales, m.zeros, group_size, m.bias)
+    ref = F.linear(x.double(), m.dequantized_weight().double(), None if m.bias is None else m.bias.double())
+    assert out.shape == (rows, n) and out.dtype == torch.float32
+    assert _relerr(out, ref) < 2e-6  # exact products, as avx2-fp32; another summation order
+    avx2 = ops.w4a16_linear_f32(x, m.qweight, m.scales, m.zeros, group_size, m.bias)
+    assert _relerr(out, avx2) < 2e-6
+    assert torch.equal(out[:1], ops.w4a16_linear_f32_avx512(x[:1], m.qweight, m.scales, m.zeros, group_size, m.bias))
+
+
+def test_avx512_fp32_gemv_rejects_group_sizes_below_128():
+    ops = _avx512_ops()
+    m = _random_w4(16, 256, 64, False)
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        ops.w4a16_linear_f32_avx512(torch.randn(1, 256), m.qweight, m.scales, m.zeros, 64, None)
+
+
+@pytest.mark.parametrize("avx512", [True, False])
+@pytest.mark.parametrize("group_size", [64, 128])
+@pytest.mark.parametrize("requested", ["auto", "avx512-fp32"])
+def test_w4a16_picks_the_avx512_kernel_by_isa_and_group_size(monkeypatch, caplog, avx512, group_size, requested):
+    ops = _avx2_ops()
+    if avx512:
+        _avx512_ops()
+    monkeypatch.setattr(cpu_kernels, "cpu_supports_avx512", lambda: avx512)
+    monkeypatch.setattr(quant_linear, "_logged", set())
+    monkeypatch.setenv("NVILA_W4A16_CPU_KERNEL", requested)
+    caplog.set_level(logging.INFO, logger="nvila")
+    m = _random_w4(96, 256, group_size, True)
+    x = torch.randn(1, 256)
+    out = m(x)
+    runs = avx512 and group_size == 128
+    assert m._kernel.gemv == (ops.w4a16_linear_f32_avx512 if runs else ops.w4a16_linear_f32)
+    assert _relerr(out, reference_forward(m, x)) < 2e-6
+    [note] = [r.getMessage() for r in caplog.records if r.name.startswith("nvila")]
+    assert note.endswith(f"runs the {'avx512-fp32' if runs else 'avx2-fp32'} kernel")
+    assert ("needs torch's AVX512" in note) == (requested == "avx512-fp32" and not runs)
+
+
 @pytest.mark.parametrize("n,k,group_size,bias", SHAPES)
 @pytest.mark.parametrize("rows", [1, 9])
 def test_avx2_dyn8_gemv_matches_reference(n, k, group_size, bias, rows):
@@ -273,10 +355,14 @@ def test_avx2_results_do_not_depend_on_threads():
     ops = _avx2_ops()
     m = _random_w4(1536, 1536, 128, True)
     x = torch.randn(2, 1536)
-    gemvs = [functools.partial(op, x, m.qweight, m.scales, m.zeros, 128, m.bias)
-             for op in (ops.w4a16_linear_f32, ops.w4a16_linear_dyn16, ops.w4a16_linear_dyn8)]
+    w4 = [ops.w4a16_linear_f32, ops.w4a16_linear_dyn16, ops.w4a16_linear_dyn8]
+    if cpu_kernels.cpu_supports_avx512():
+        w4.append(ops.w4a16_linear_f32_avx512)
+    gemvs = [functools.partial(op, x, m.qweight, m.scales, m.zeros, 128, m.bias) for op in w4]
     q8 = torch.randint(-127, 128, (1536, 1536), dtype=torch.int8)
     gemvs.append(functools.partial(ops.w8a8_linear_dyn8, x, q8, m.scales[:, 0].contiguous(), m.bias))
+    if cpu_kernels.cpu_supports_avx512_vnni():
+        gemvs.append(functools.partial(ops.w8a8_linear_vnni, x, q8, m.scales[:, 0].contiguous(), m.bias))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -298,12 +384,13 @@ def test_w4a16_module_runs_each_cpu_kernel(monkeypatch, kernel, rows):
     x = torch.randn(rows, 256)
     out, ref = m(x), reference_forward(m, x)
     assert type(m._kernel).__name__ == ("_W4A16Int4Pack" if kernel == "int4pack" else "_W4A16Avx2")
-    assert _relerr(out, ref) < {"int4pack": 1e-2, "avx2-fp32": 2e-6, "avx2-dyn16": 1e-4, "avx2-dyn8": 1e-2}[kernel]
+    assert _relerr(out, ref) < {"int4pack": 1e-2, "avx2-fp32": 2e-6, "avx512-fp32": 2e-6, "avx2-dyn16": 1e-4,
+                                "avx2-dyn8": 1e-2}[kernel]
 
 
 def test_unknown_w4a16_kernel_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("NVILA_W4A16_CPU_KERNEL", "avx9")
-    with pytest.raises(ValueError, match="valid: auto, int4pack, avx2-fp32, avx2-dyn16, avx2-dyn8"):
+    with pytest.raises(ValueError, match="valid: auto, int4pack, avx2-fp32, avx512-fp32, avx2-dyn16, avx2-dyn8"):
         _random_w4(96, 256, 64, False)(torch.randn(1, 256))
 
 

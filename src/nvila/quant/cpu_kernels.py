@@ -2,9 +2,11 @@
 
 ``load_cpu_kernels()`` compiles the source with ``torch.utils.cpp_extension.load`` (it needs ``ninja`` and a
 C++ compiler; 10-15 s on 2 cores) the first time a process needs it, and loads it; it registers the ops
-``torch.ops.nvila.w4a16_linear_f32``, ``w4a16_linear_dyn16``, ``w4a16_linear_dyn8``,
-``w4a16_linear_dequant``, ``w4a16_dequantize`` and ``w8a8_linear_dyn8`` (their contracts are in the C++
-file) and returns True.
+``torch.ops.nvila.w4a16_linear_f32``, ``w4a16_linear_f32_avx512`` (AVX-512 code in the same library,
+called only where ``cpu_supports_avx512``), ``w4a16_linear_dyn16``, ``w4a16_linear_dyn8``,
+``w4a16_linear_dequant``, ``w4a16_dequantize``, ``w8a8_linear_dyn8`` and ``w8a8_linear_vnni`` (AVX-512
+VNNI code, called only where ``cpu_supports_avx512_vnni``; the contracts are in the C++ file) and returns
+True.
 
 The build is cached once per machine, in ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``),
 under ``nvila_cpu_kernels_<key>``: the key hashes the source, the compiler, the flags, the Python version
@@ -52,6 +54,17 @@ def cpu_supports_avx2() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def cpu_supports_avx512() -> bool:
+    """x86-64 and torch's dispatch capability is AVX512 (AVX-512 F, BW, DQ and VL; ``ATEN_CPU_CAPABILITY``
+    lowers it): where ``w4a16_linear_f32_avx512`` may run."""
+    return cpu_supports_avx2() and torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def cpu_supports_avx512_vnni() -> bool:
+    """``cpu_supports_avx512`` and AVX-512 VNNI: where ``w8a8_linear_vnni`` may run."""
+    return cpu_supports_avx512() and getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
 
 
 def build_directory(source: bytes, compiler: str) -> Path:
@@ -129,10 +142,11 @@ def load_cpu_kernels() -> bool:
         for w in caught:
             logger.info("while building nvila's CPU kernels: %s", w.message)
     logger.debug("nvila's CPU kernels loaded from %s in %.1f s", directory, time.perf_counter() - start)
-    for op in ("w4a16_linear_f32", "w4a16_linear_dyn16", "w4a16_linear_dyn8", "w4a16_linear_dequant"):
+    for op in ("w4a16_linear_f32", "w4a16_linear_f32_avx512", "w4a16_linear_dyn16", "w4a16_linear_dyn8", "w4a16_linear_dequant"):
         torch.library.register_fake(f"nvila::{op}")(_linear_fake)
     torch.library.register_fake("nvila::w4a16_dequantize")(_dequantize_fake)
-    torch.library.register_fake("nvila::w8a8_linear_dyn8")(_w8a8_fake)
+    for op in ("w8a8_linear_dyn8", "w8a8_linear_vnni"):
+        torch.library.register_fake(f"nvila::{op}")(_w8a8_fake)
     return True
 
 

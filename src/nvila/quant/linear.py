@@ -127,7 +127,8 @@ def pick_group_size(in_features: int, preferred: int = 128) -> int:
 
 # ------------------------------------------------------------------------------------------ kernels
 _logged: set[tuple] = set()  # (request, choice) pairs already logged once
-W8A8_CPU_KERNELS = ("avx2", "fbgemm", "onednn")
+W8A8_CPU_KERNELS = ("avx2", "avx512-vnni", "fbgemm", "onednn")
+_W8A8_GEMVS = ("avx2", "avx512-vnni")  # nvila's own (cpu_kernels.cpp); the others are torch's quantized engines
 
 
 def w8a8_cpu_kernel_names() -> tuple[str, str, str]:
@@ -136,20 +137,21 @@ def w8a8_cpu_kernel_names() -> tuple[str, str, str]:
 
     ``NVILA_W8A8_CPU_KERNEL`` (default ``auto``) picks by ISA:
 
-    * 1 row (decode at batch 1): nvila's AVX2 GEMV (``cpu_kernels.cpp``, ``w8a8_linear_dyn8``) where it
-      builds, else fbgemm. It streams the weights faster than fbgemm at one row (Qwen2-1.5B shapes,
-      1 thread: 1536 -> 8960 859 vs 996 us, 8960 -> 1536 784 vs 997) but computes each extra row
-      again, so from 2 rows fbgemm is faster (benchmarks/RESULTS.md, issue 23). It is built at the
-      first such call, so a model whose W8A8 layers only see prefill-sized inputs (a quantized vision
+    * 1 row (decode at batch 1): nvila's GEMV (``cpu_kernels.cpp``) where it builds, else fbgemm:
+      ``avx512-vnni`` (``w8a8_linear_vnni``, VPDPBUSD) where the CPU has AVX-512 VNNI, else ``avx2``
+      (``w8a8_linear_dyn8``). Both stream the stored weight faster than fbgemm at one row (Qwen2-1.5B
+      shapes, 1 thread: 1536 -> 8960 859 vs 996 us for avx2, 8960 -> 1536 784 vs 997) but compute each
+      extra row again, so from 2 rows fbgemm is faster (benchmarks/RESULTS.md, issue 23). It is built at
+      the first such call, so a model whose W8A8 layers only see prefill-sized inputs (a quantized vision
       tower) never builds it;
     * 2-3 rows: fbgemm;
     * 4+ rows (prefill, the tower): oneDNN's AMX-int8 GEMM where the CPU has AMX tiles (and torch the
       onednn quantized engine), else fbgemm (1536 -> 8960, 2 threads: M=16 0.75 vs 1.04 ms, M=1024
       21.4 vs 33.7).
 
-    ``avx2``, ``fbgemm`` or ``onednn`` forces one kernel for every call (``avx2`` falls back to fbgemm
-    where it cannot build; CPUs without AVX2 get fbgemm from the start). One INFO record per process
-    and choice.
+    A name forces one kernel for every call: ``avx512-vnni`` becomes ``avx2`` on a CPU without AVX-512
+    VNNI, and ``avx2`` becomes fbgemm where it cannot build (CPUs without AVX2 get fbgemm from the
+    start). One INFO record per process and choice.
     """
     requested = os.environ.get("NVILA_W8A8_CPU_KERNEL", "auto")
     if requested not in ("auto", *W8A8_CPU_KERNELS):
@@ -159,11 +161,13 @@ def w8a8_cpu_kernel_names() -> tuple[str, str, str]:
         raise ValueError("NVILA_W8A8_CPU_KERNEL=onednn but this torch build has no onednn quantized engine")
     if requested == "auto":
         amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        names = ("avx2", "fbgemm", "onednn" if amx and onednn_ok else "fbgemm")
+        names = ("avx512-vnni", "fbgemm", "onednn" if amx and onednn_ok else "fbgemm")
     else:
         names = (requested,) * 3
+    if "avx512-vnni" in names and not cpu_kernels.cpu_supports_avx512_vnni():
+        names = tuple("avx2" if n == "avx512-vnni" else n for n in names)
     if "avx2" in names and not cpu_kernels.cpu_supports_avx2():
-        names = _without_avx2(names)
+        names = _without_gemv(names)
     if (requested, names) not in _logged:
         _logged.add((requested, names))
         logger.info("w8a8 on the CPU runs %s", names[0] if len(set(names)) == 1 else
@@ -171,23 +175,23 @@ def w8a8_cpu_kernel_names() -> tuple[str, str, str]:
     return names
 
 
-def _without_avx2(names: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple("fbgemm" if n == "avx2" else n for n in names)
+def _without_gemv(names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple("fbgemm" if n in _W8A8_GEMVS else n for n in names)
 
 
 class _W8A8Cpu:
     """W8A8 on the CPU, on the module's per-channel int8 weight (N, K); the kernel per call follows
     the input's rows (``w8a8_cpu_kernel_names``):
 
-    * ``avx2``: nvila's GEMV on the stored weight, no copy; activations quantized per row, symmetric
-      int8 (as on CUDA);
+    * ``avx2`` / ``avx512-vnni``: nvila's GEMV on the stored weight, no copy; activations quantized per
+      row, symmetric int8 (as on CUDA). The two give identical results (exact integer dot products);
     * ``fbgemm`` / ``onednn``: ``quantized.linear_dynamic``, activations quantized per call (per tensor,
       7-bit range via ``reduce_range`` so AVX2's 16-bit pair sums cannot saturate) on a prepacked copy
       of the weight, built per engine on the first call that needs it: a module that only sees large
       inputs (the vision tower) holds one packed copy.
 
     A weight with a code of -128 (not from ``quantize_w8``, which clamps to +-127) runs fbgemm instead
-    of ``avx2``, whose sign trick needs the symmetric range.
+    of ``avx2``, whose sign trick needs the symmetric range; ``avx512-vnni`` takes any int8.
     """
 
     ROW_SPLITS = (2, 4)  # rows where the kernel changes: measured crossovers (w8a8_cpu_kernel_names)
@@ -196,7 +200,7 @@ class _W8A8Cpu:
         self.qweight, self.scales = m.qweight.cpu().contiguous(), m.scales.float().cpu().contiguous()
         self.bias = None if m.bias is None else m.bias.float().cpu().contiguous()
         self.names = w8a8_cpu_kernel_names()
-        self.avx2: bool | None = None  # whether the avx2 GEMV runs here: decided at its first call
+        self.gemv_ok: bool | None = None  # whether nvila's GEMV runs here: decided at its first call
         self.packed: dict[str, object] = {}
 
     def kernel(self, rows: int) -> str:
@@ -217,12 +221,15 @@ class _W8A8Cpu:
 
     def __call__(self, x: Tensor) -> Tensor:  # (M, K) float32 -> (M, N) float32
         engine = self.kernel(x.shape[0])
-        if engine == "avx2" and self.avx2 is None:  # its first call: build (once per process), check
-            self.avx2 = cpu_kernels.load_cpu_kernels() and not bool((self.qweight == -128).any())
-            if not self.avx2:  # load_cpu_kernels logged why, once
-                self.names, engine = _without_avx2(self.names), "fbgemm"
+        if engine in _W8A8_GEMVS and self.gemv_ok is None:  # its first call: build (once per process), check
+            self.gemv_ok = cpu_kernels.load_cpu_kernels() and (
+                engine != "avx2" or not bool((self.qweight == -128).any()))
+            if not self.gemv_ok:  # load_cpu_kernels logged why, once
+                self.names, engine = _without_gemv(self.names), "fbgemm"
         if engine == "avx2":
             return torch.ops.nvila.w8a8_linear_dyn8(x, self.qweight, self.scales, self.bias)
+        if engine == "avx512-vnni":
+            return torch.ops.nvila.w8a8_linear_vnni(x, self.qweight, self.scales, self.bias)
         packed = self.packed.get(engine)
         if packed is None:
             packed = self.packed[engine] = self._pack(engine)
@@ -284,12 +291,12 @@ class _W4A16Avx2:
     limits are the measured crossovers (benchmarks/bench_w4_kernels.py ``--sweep``).
     """
 
-    GEMV_MAX_ROWS = {"avx2-fp32": 8, "avx2-dyn16": 16, "avx2-dyn8": 32}
+    GEMV_MAX_ROWS = {"avx2-fp32": 8, "avx512-fp32": 8, "avx2-dyn16": 16, "avx2-dyn8": 32}
 
     def __init__(self, m: "W4A16Linear", name: str):
         ops = torch.ops.nvila
-        self.gemv = {"avx2-fp32": ops.w4a16_linear_f32, "avx2-dyn16": ops.w4a16_linear_dyn16,
-                     "avx2-dyn8": ops.w4a16_linear_dyn8}[name]
+        self.gemv = {"avx2-fp32": ops.w4a16_linear_f32, "avx512-fp32": ops.w4a16_linear_f32_avx512,
+                     "avx2-dyn16": ops.w4a16_linear_dyn16, "avx2-dyn8": ops.w4a16_linear_dyn8}[name]
         self.max_rows = self.GEMV_MAX_ROWS[name]
         self.qweight, self.zeros = m.qweight.contiguous(), m.zeros.contiguous()
         self.scales = m.scales.float().contiguous()
@@ -301,15 +308,18 @@ class _W4A16Avx2:
         return op(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
 
-W4A16_CPU_KERNELS = ("int4pack", "avx2-fp32", "avx2-dyn16", "avx2-dyn8")
+W4A16_CPU_KERNELS = ("int4pack", "avx2-fp32", "avx512-fp32", "avx2-dyn16", "avx2-dyn8")
 
 
 def w4a16_cpu_kernel_name(group_size: int) -> str:
     """Which CPU W4A16 kernel runs: ``NVILA_W4A16_CPU_KERNEL`` if set (``auto`` by default).
 
-    ``auto`` is ``avx2-fp32`` on x86-64 CPUs with AVX2 and FMA, for group sizes that are multiples of 64,
-    when the kernel builds (``cpu_kernels.load_cpu_kernels``, first use only); otherwise ``int4pack``.
-    ``avx2-fp32`` keeps the activations in fp32 and was faster than ``int4pack`` both with native bf16
+    ``auto`` is ``avx512-fp32`` where torch's CPU capability is AVX512 and the group size a multiple of
+    128, else ``avx2-fp32`` on x86-64 CPUs with AVX2 and FMA, for group sizes that are multiples of 64,
+    when the kernels build (``cpu_kernels.load_cpu_kernels``, first use only); otherwise ``int4pack``.
+    ``avx512-fp32`` is ``avx2-fp32`` with 512-bit vectors: the same exact products, summed in another
+    order, and faster because ``avx2-fp32`` is compute-bound (a convert and an FMA per weight); asked for
+    where it cannot run, ``avx2-fp32`` runs, with one INFO note. ``avx2-fp32`` keeps the activations in fp32 and was faster than ``int4pack`` both with native bf16
     (1.24x cold at 1 thread) and with torch limited to AVX2 (1.72x); the int16/int8-activation variants
     ``avx2-dyn16`` / ``avx2-dyn8`` are faster still but round the activations per group of
     ``group_size`` (numbers in benchmarks/RESULTS.md). A kernel that cannot run falls back to
@@ -320,14 +330,19 @@ def w4a16_cpu_kernel_name(group_size: int) -> str:
     requested = os.environ.get("NVILA_W4A16_CPU_KERNEL", "auto")
     if requested not in ("auto", *W4A16_CPU_KERNELS):
         raise ValueError(f"NVILA_W4A16_CPU_KERNEL={requested!r}; valid: auto, {', '.join(W4A16_CPU_KERNELS)}")
-    name = "avx2-fp32" if requested == "auto" else requested
+    avx512 = cpu_kernels.cpu_supports_avx512() and group_size % 128 == 0
+    name = ("avx512-fp32" if avx512 else "avx2-fp32") if requested == "auto" else requested
+    fallback = None
+    if name == "avx512-fp32" and not avx512:
+        name, fallback = "avx2-fp32", ("nvila's avx512-fp32 kernel needs torch's AVX512 CPU capability and a "
+                                       f"group size that is a multiple of 128 (here {group_size}); ")
     if name == "int4pack":
         note = "w4a16 on the CPU runs the int4pack kernel"
     elif group_size % 64 or (name == "avx2-dyn8" and group_size > 256):
         name, note = "int4pack", (f"w4a16 group size {group_size}: nvila's {name} kernel takes multiples of 64"
                                   f"{' up to 256' if name == 'avx2-dyn8' else ''}; using torch's int4 kernel")
     elif cpu_kernels.load_cpu_kernels():
-        note = f"w4a16 on the CPU runs the {name} kernel"
+        note = f"{fallback or ''}w4a16 on the CPU runs the {name} kernel"
     else:
         name, note = "int4pack", None  # load_cpu_kernels logged why, once
     if note is not None and (requested, note) not in _logged:
