@@ -140,11 +140,11 @@ def w8a8_cpu_kernel_names() -> tuple[str, str, str]:
     * 1 row (decode at batch 1): nvila's GEMV (``cpu_kernels.cpp``) where it builds, else fbgemm:
       ``avx512-vnni`` (``w8a8_linear_vnni``, VPDPBUSD) where the CPU has AVX-512 VNNI, else ``avx2``
       (``w8a8_linear_dyn8``). Both stream the stored weight faster than fbgemm at one row (Qwen2-1.5B
-      shapes, 1 thread: 1536 -> 8960 859 vs 996 us for avx2, 8960 -> 1536 784 vs 997) but compute each
-      extra row again, so from 2 rows fbgemm is faster (benchmarks/RESULTS.md, issue 23). It is built at
-      the first such call, so a model whose W8A8 layers only see prefill-sized inputs (a quantized vision
-      tower) never builds it;
-    * 2-3 rows: fbgemm;
+      1536 -> 8960, 1 thread, cold: 0.98 ms avx512-vnni, 1.12 avx2, 1.13 fbgemm) but compute each
+      extra row again (benchmarks/RESULTS.md, issue 23). It is built at the first such call, so a model
+      whose W8A8 layers only see prefill-sized inputs (a quantized vision tower) never builds it;
+    * 2-3 rows: ``avx512-vnni`` where the CPU has it (2 rows 1.16 vs fbgemm's 1.21 ms, 3 rows 1.29 vs
+      1.31), else fbgemm (avx2 is behind it from 2 rows);
     * 4+ rows (prefill, the tower): oneDNN's AMX-int8 GEMM where the CPU has AMX tiles (and torch the
       onednn quantized engine), else fbgemm (1536 -> 8960, 2 threads: M=16 0.75 vs 1.04 ms, M=1024
       21.4 vs 33.7).
@@ -161,7 +161,9 @@ def w8a8_cpu_kernel_names() -> tuple[str, str, str]:
         raise ValueError("NVILA_W8A8_CPU_KERNEL=onednn but this torch build has no onednn quantized engine")
     if requested == "auto":
         amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        names = ("avx512-vnni", "fbgemm", "onednn" if amx and onednn_ok else "fbgemm")
+        vnni = cpu_kernels.cpu_supports_avx512_vnni()
+        names = ("avx512-vnni" if vnni else "avx2", "avx512-vnni" if vnni else "fbgemm",
+                 "onednn" if amx and onednn_ok else "fbgemm")
     else:
         names = (requested,) * 3
     if "avx512-vnni" in names and not cpu_kernels.cpu_supports_avx512_vnni():
@@ -291,7 +293,7 @@ class _W4A16Avx2:
     limits are the measured crossovers (benchmarks/bench_w4_kernels.py ``--sweep``).
     """
 
-    GEMV_MAX_ROWS = {"avx2-fp32": 8, "avx512-fp32": 8, "avx2-dyn16": 16, "avx2-dyn8": 32}
+    GEMV_MAX_ROWS = {"avx2-fp32": 8, "avx512-fp32": 16, "avx2-dyn16": 16, "avx2-dyn8": 32}
 
     def __init__(self, m: "W4A16Linear", name: str):
         ops = torch.ops.nvila
