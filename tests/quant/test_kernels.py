@@ -211,41 +211,30 @@ def _dyn8_activations(x, group_size):
 SHAPES = [(96, 256, 64, True), (97, 1536, 128, False), (8, 512, 256, True), (260, 8960, 128, False)]
 
 
-@pytest.mark.parametrize("n,k,group_size,bias", SHAPES)
-@pytest.mark.parametrize("rows", [1, 3, 9])
-def test_avx2_fp32_gemv_matches_reference(n, k, group_size, bias, rows):
-    ops = _avx2_ops()
-    m = _random_w4(n, k, group_size, bias)
-    x = torch.randn(rows, k)
-    out = ops.w4a16_linear_f32(x, m.qweight, m.scales, m.zeros, group_size, m.bias)
-    ref = F.linear(x.double(), m.dequantized_weight().double(), None if m.bias is None else m.bias.double())
-    # fp32 products are exact; only the summation order differs from a float64 reference
-    assert out.shape == (rows, n) and out.dtype == torch.float32
-    assert _relerr(out, ref) < 2e-6
-    assert _relerr(ops.w4a16_linear_f32(x, m.qweight, m.scales, m.zeros, group_size, m.bias), out) == 0.0
-
-
 def _avx512_ops():
     ops = _avx2_ops()
     if not cpu_kernels.cpu_supports_avx512():
         pytest.skip(f"this CPU (torch capability {torch.backends.cpu.get_cpu_capability()}) has no AVX-512: "
-                    "the avx512-fp32 kernel cannot run here; W4A16 runs avx2-fp32, tested above")
+                    "the avx512-fp32 kernel cannot run here; W4A16 runs avx2-fp32, tested with it")
     return ops
 
 
-@pytest.mark.parametrize("n,k,group_size,bias", [s for s in SHAPES if s[2] % 128 == 0] + [(5, 1024, 1024, True)])
+@pytest.mark.parametrize("n,k,group_size,bias", [*SHAPES, (5, 1024, 1024, True)])
 @pytest.mark.parametrize("rows", [1, 3, 9])
-def test_avx512_fp32_gemv_matches_reference(n, k, group_size, bias, rows):
-    ops = _avx512_ops()
+@pytest.mark.parametrize("op", ["w4a16_linear_f32", "w4a16_linear_f32_avx512"])
+def test_fp32_gemvs_match_reference(n, k, group_size, bias, rows, op):
+    if op.endswith("avx512") and group_size % 128:
+        return  # its group-size check is tested below
+    ops = _avx512_ops() if op.endswith("avx512") else _avx2_ops()
     m = _random_w4(n, k, group_size, bias)
     x = torch.randn(rows, k)
-    out = ops.w4a16_linear_f32_avx512(x, m.qweight, m.scales, m.zeros, group_size, m.bias)
+    out = getattr(ops, op)(x, m.qweight, m.scales, m.zeros, group_size, m.bias)
     ref = F.linear(x.double(), m.dequantized_weight().double(), None if m.bias is None else m.bias.double())
+    # fp32 products are exact; only the summation order differs from a float64 reference (and between the two)
     assert out.shape == (rows, n) and out.dtype == torch.float32
-    assert _relerr(out, ref) < 2e-6  # exact products, as avx2-fp32; another summation order
-    avx2 = ops.w4a16_linear_f32(x, m.qweight, m.scales, m.zeros, group_size, m.bias)
-    assert _relerr(out, avx2) < 2e-6
-    assert torch.equal(out[:1], ops.w4a16_linear_f32_avx512(x[:1], m.qweight, m.scales, m.zeros, group_size, m.bias))
+    assert _relerr(out, ref) < 2e-6
+    assert torch.equal(getattr(ops, op)(x, m.qweight, m.scales, m.zeros, group_size, m.bias), out)
+    assert torch.equal(getattr(ops, op)(x[:1], m.qweight, m.scales, m.zeros, group_size, m.bias), out[:1])
 
 
 def test_avx512_fp32_gemv_rejects_group_sizes_below_128():

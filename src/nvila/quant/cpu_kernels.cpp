@@ -123,83 +123,56 @@ void prepare_f32(const float* x, int64_t K, int64_t gs, float* xp, float* /*xs*/
   }
 }
 
-template <int R>
-void rows_f32(const uint8_t* w, const float* sc, const uint8_t* zr, const float* xp, const float* /*xs*/,
-              const float* xsum, int64_t K, int64_t gs, float* out) {
-  const int64_t G = K / gs, half = K / 2;
-  __m256 acc[R];
-  float zterm[R];
-  for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_ps(); zterm[r] = 0.0f; }
-  for (int64_t g = 0; g < G; ++g) {
-    __m256 a0[R], a1[R];
-    for (int r = 0; r < R; ++r) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); }
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 64) {
-      __m256i v[R];
-      for (int r = 0; r < R; ++r) v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * half + k / 2));
-      if ((k & 127) == 0) prefetch_next_block<R>(w, half, k);
-      const float* xb = xp + k;
-#define NVILA_NIBBLE(P, ACC)                                                                          \
-  {                                                                                                   \
-    const __m256 xv = _mm256_loadu_ps(xb + 8 * (P));                                                  \
-    for (int r = 0; r < R; ++r) {                                                                     \
-      const __m256i c = (P) == 7 ? _mm256_srli_epi32(v[r], 28)                                        \
-                                 : _mm256_and_si256(v[r], _mm256_set1_epi32(0xFu << (4 * (P))));      \
-      ACC[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), xv, ACC[r]);                                    \
-    }                                                                                                 \
+// The fp32 row kernel, written once for both vector widths: NAME<R>(...) computes R consecutive rows.
+// ATTR: the target attribute (none for AVX2); PFX / SI: the intrinsics' prefix and integer suffix; VF / VI:
+// the float and integer vector types; L: float lanes (a load of 4L bytes holds 8L codes: nibble p of 32-bit
+// lane i is the code of k = 8i + p in its block, x prepared by prepare_f32<L>); HSUM: a horizontal sum.
+// Blocks of 8L codes must tile a group, so gs % (8L) == 0. The next R rows are prefetched once per 64 bytes.
+// Nibble P of the block in v: masking it in place (P < 7) keeps q * 16^P, which meets x pre-scaled by 16^-P;
+// nibble 7 is shifted down (its mask would set the sign bit). Written out per P (constants, accumulators
+// in registers): a loop over P with a pointer to the accumulator ran 13% slower.
+#define NVILA_NIBBLE(PFX, SI, VF, VI, L, P, ACC)                                                           \
+  {                                                                                                       \
+    const VF xv = PFX##_loadu_ps(xp + k + L * (P));                                                       \
+    for (int r = 0; r < R; ++r) {                                                                         \
+      const VI c = (P) == 7 ? PFX##_srli_epi32(v[r], 28) : PFX##_and_##SI(v[r], PFX##_set1_epi32(0xFu << (4 * (P)))); \
+      ACC[r] = PFX##_fmadd_ps(PFX##_cvtepi32_ps(c), xv, ACC[r]);                                          \
+    }                                                                                                     \
   }
-      NVILA_NIBBLE(0, a0) NVILA_NIBBLE(1, a1) NVILA_NIBBLE(2, a0) NVILA_NIBBLE(3, a1)
-      NVILA_NIBBLE(4, a0) NVILA_NIBBLE(5, a1) NVILA_NIBBLE(6, a0) NVILA_NIBBLE(7, a1)
-#undef NVILA_NIBBLE
-    }
-    for (int r = 0; r < R; ++r) {
-      const float s = sc[r * G + g];
-      acc[r] = _mm256_fmadd_ps(_mm256_add_ps(a0[r], a1[r]), _mm256_set1_ps(s), acc[r]);
-      zterm[r] += s * static_cast<float>(zr[r * G + g]) * xsum[g];
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) - zterm[r];
-}
 
-// -------------------------------------------------------------------------------- fp32, AVX-512
-// rows_f32 with 512-bit vectors, compiled for AVX-512 F/BW/DQ/VL alone (the rest of the file stays AVX2;
-// Python calls it only where torch's CPU capability is AVX512). A 64-byte load holds 128 codes: nibble p of
-// 32-bit lane i is the code of k = 8i + p in a 128-block (x from prepare_f32<16>); gs % 128 == 0.
-template <int R>
-NVILA_AVX512 void rows_f32_avx512(const uint8_t* w, const float* sc, const uint8_t* zr, const float* xp, const float* /*xs*/,
-                     const float* xsum, int64_t K, int64_t gs, float* out) {
-  const int64_t G = K / gs, half = K / 2;
-  __m512 acc[R];
-  float zterm[R];
-  for (int r = 0; r < R; ++r) { acc[r] = _mm512_setzero_ps(); zterm[r] = 0.0f; }
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 a0[R], a1[R];
-    for (int r = 0; r < R; ++r) { a0[r] = _mm512_setzero_ps(); a1[r] = _mm512_setzero_ps(); }
-    for (int64_t k = g * gs; k < (g + 1) * gs; k += 128) {
-      __m512i v[R];
-      for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_si512(w + r * half + k / 2);
-      prefetch_next_block<R>(w, half, k);
-      const float* xb = xp + k;
-#define NVILA_NIBBLE(P, ACC)                                                                          \
-  {                                                                                                   \
-    const __m512 xv = _mm512_loadu_ps(xb + 16 * (P));                                                 \
-    for (int r = 0; r < R; ++r) {                                                                     \
-      const __m512i c = (P) == 7 ? _mm512_srli_epi32(v[r], 28)                                        \
-                                 : _mm512_and_si512(v[r], _mm512_set1_epi32(0xFu << (4 * (P))));      \
-      ACC[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), xv, ACC[r]);                                    \
-    }                                                                                                 \
+#define NVILA_ROWS_F32(NAME, ATTR, PFX, SI, VF, VI, L, HSUM)                                              \
+  template <int R>                                                                                        \
+  ATTR void NAME(const uint8_t* w, const float* sc, const uint8_t* zr, const float* xp, const float* /*xs*/, \
+                 const float* xsum, int64_t K, int64_t gs, float* out) {                                  \
+    const int64_t G = K / gs, half = K / 2;                                                               \
+    VF acc[R], a0[R], a1[R];                                                                              \
+    float zterm[R];                                                                                       \
+    for (int r = 0; r < R; ++r) { acc[r] = PFX##_setzero_ps(); zterm[r] = 0.0f; }                         \
+    for (int64_t g = 0; g < G; ++g) {                                                                     \
+      for (int r = 0; r < R; ++r) { a0[r] = PFX##_setzero_ps(); a1[r] = PFX##_setzero_ps(); }            \
+      for (int64_t k = g * gs; k < (g + 1) * gs; k += 8 * L) {                                            \
+        VI v[R];                                                                                          \
+        for (int r = 0; r < R; ++r) v[r] = PFX##_loadu_##SI(reinterpret_cast<const VI*>(w + r * half + k / 2)); \
+        if ((k & 127) == 0) prefetch_next_block<R>(w, half, k);                                           \
+        NVILA_NIBBLE(PFX, SI, VF, VI, L, 0, a0) NVILA_NIBBLE(PFX, SI, VF, VI, L, 1, a1)                  \
+        NVILA_NIBBLE(PFX, SI, VF, VI, L, 2, a0) NVILA_NIBBLE(PFX, SI, VF, VI, L, 3, a1)                  \
+        NVILA_NIBBLE(PFX, SI, VF, VI, L, 4, a0) NVILA_NIBBLE(PFX, SI, VF, VI, L, 5, a1)                  \
+        NVILA_NIBBLE(PFX, SI, VF, VI, L, 6, a0) NVILA_NIBBLE(PFX, SI, VF, VI, L, 7, a1)                  \
+      }                                                                                                   \
+      for (int r = 0; r < R; ++r) {                                                                       \
+        const float s = sc[r * G + g];                                                                    \
+        acc[r] = PFX##_fmadd_ps(PFX##_add_ps(a0[r], a1[r]), PFX##_set1_ps(s), acc[r]);                    \
+        zterm[r] += s * static_cast<float>(zr[r * G + g]) * xsum[g];                                      \
+      }                                                                                                   \
+    }                                                                                                     \
+    for (int r = 0; r < R; ++r) out[r] = HSUM(acc[r]) - zterm[r];                                         \
   }
-      NVILA_NIBBLE(0, a0) NVILA_NIBBLE(1, a1) NVILA_NIBBLE(2, a0) NVILA_NIBBLE(3, a1)
-      NVILA_NIBBLE(4, a0) NVILA_NIBBLE(5, a1) NVILA_NIBBLE(6, a0) NVILA_NIBBLE(7, a1)
+
+NVILA_ROWS_F32(rows_f32, , _mm256, si256, __m256, __m256i, 8, hsum)
+// AVX-512 F/BW/DQ/VL for this one function alone (Python calls it only where torch's CPU capability is AVX512).
+NVILA_ROWS_F32(rows_f32_avx512, NVILA_AVX512, _mm512, si512, __m512, __m512i, 16, _mm512_reduce_add_ps)
+#undef NVILA_ROWS_F32
 #undef NVILA_NIBBLE
-    }
-    for (int r = 0; r < R; ++r) {
-      const float s = sc[r * G + g];
-      acc[r] = _mm512_fmadd_ps(_mm512_add_ps(a0[r], a1[r]), _mm512_set1_ps(s), acc[r]);
-      zterm[r] += s * static_cast<float>(zr[r * G + g]) * xsum[g];
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(acc[r]) - zterm[r];
-}
 
 // ------------------------------------------------------------------------------------------- int8
 // Per group g: xs[g] = amax / 127, codes c = round(x / xs[g]) in [-127, 127], stored permuted so that a
