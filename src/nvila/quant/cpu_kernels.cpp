@@ -37,7 +37,9 @@
 //
 // Rows of W are split over threads with at::parallel_for (torch's intra-op pool, torch.set_num_threads).
 // For M > 1, each thread walks its rows in chunks that fit in L2 and applies every activation row to a
-// chunk before moving on, so the weights stream from memory once.
+// chunk before moving on, so the weights stream from memory once; the fp32 W4 kernels also decode each
+// weight vector once for up to 4 activation rows (2.5x less work per row at 4 rows), with results equal
+// bit for bit to those of the rows alone.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -47,6 +49,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -89,10 +92,10 @@ void check_inputs(const at::Tensor& x, const at::Tensor& qweight, const at::Tens
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "CPU tensors only");
 }
 
-// Runs body(m, n0, n1) over all activation rows m and weight rows [n0, n1) (row_bytes each), split over
-// threads.
+// Runs body(m, mc, n0, n1) over activation rows [m, m + mc) (mc <= mr; all of [0, M) in turn) and weight rows
+// [n0, n1) (row_bytes each), split over threads.
 template <typename Body>
-void for_rows(int64_t M, int64_t N, int64_t row_bytes, const Body& body) {
+void for_rows(int64_t M, int64_t N, int64_t row_bytes, int64_t mr, const Body& body) {
   const int64_t chunk = std::max<int64_t>(kRows, (kChunkBytes / row_bytes) / kRows * kRows);
   const int64_t grain = std::max<int64_t>(1, 65536 / (kRows * row_bytes));  // >= 64 KiB of weights per task
   const int64_t blocks = (N + kRows - 1) / kRows;
@@ -100,7 +103,7 @@ void for_rows(int64_t M, int64_t N, int64_t row_bytes, const Body& body) {
     const int64_t n_end = std::min(N, b1 * kRows);
     for (int64_t c0 = b0 * kRows; c0 < n_end; c0 += chunk) {
       const int64_t c1 = std::min(n_end, c0 + chunk);
-      for (int64_t m = 0; m < M; ++m) body(m, c0, c1);
+      for (int64_t m = 0; m < M; m += mr) body(m, std::min(mr, M - m), c0, c1);
     }
   });
 }
@@ -123,7 +126,10 @@ void prepare_f32(const float* x, int64_t K, int64_t gs, float* xp, float* /*xs*/
   }
 }
 
-// The fp32 row kernel, written once for both vector widths: NAME<R>(...) computes R consecutive rows.
+// The fp32 row kernel, written once for both vector widths: NAME<R, MR>(...) computes R consecutive weight rows
+// against MR activation rows (x, xsum and out rows MR apart by K, G and N), decoding each weight vector once for
+// the MR rows. Every (activation row, weight row) pair gets the same operations in the same order for any MR,
+// so a row's outputs do not depend on the rows computed with it.
 // ATTR: the target attribute (none for AVX2); PFX / SI: the intrinsics' prefix and integer suffix; VF / VI:
 // the float and integer vector types; L: float lanes (a load of 4L bytes holds 8L codes: nibble p of 32-bit
 // lane i is the code of k = 8i + p in its block, x prepared by prepare_f32<L>); HSUM: a horizontal sum.
@@ -133,23 +139,27 @@ void prepare_f32(const float* x, int64_t K, int64_t gs, float* xp, float* /*xs*/
 // in registers): a loop over P with a pointer to the accumulator ran 13% slower.
 #define NVILA_NIBBLE(PFX, SI, VF, VI, L, P, ACC)                                                           \
   {                                                                                                       \
-    const VF xv = PFX##_loadu_ps(xp + k + L * (P));                                                       \
-    for (int r = 0; r < R; ++r) {                                                                         \
+    VF xv[MR];                                                                                            \
+    _Pragma("GCC unroll 4") for (int m = 0; m < MR; ++m) xv[m] = PFX##_loadu_ps(xp + m * K + k + L * (P));                        \
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; ++r) {                                                 \
       const VI c = (P) == 7 ? PFX##_srli_epi32(v[r], 28) : PFX##_and_##SI(v[r], PFX##_set1_epi32(0xFu << (4 * (P)))); \
-      ACC[r] = PFX##_fmadd_ps(PFX##_cvtepi32_ps(c), xv, ACC[r]);                                          \
+      const VF cf = PFX##_cvtepi32_ps(c);                                                                 \
+      _Pragma("GCC unroll 4") for (int m = 0; m < MR; ++m) ACC[m][r] = PFX##_fmadd_ps(cf, xv[m], ACC[m][r]);                      \
     }                                                                                                     \
   }
 
 #define NVILA_ROWS_F32(NAME, ATTR, PFX, SI, VF, VI, L, HSUM)                                              \
-  template <int R>                                                                                        \
+  template <int R, int MR>                                                                                \
   ATTR void NAME(const uint8_t* w, const float* sc, const uint8_t* zr, const float* xp, const float* /*xs*/, \
-                 const float* xsum, int64_t K, int64_t gs, float* out) {                                  \
+                 const float* xsum, int64_t K, int64_t gs, float* out, int64_t N) {                       \
     const int64_t G = K / gs, half = K / 2;                                                               \
-    VF acc[R], a0[R], a1[R];                                                                              \
-    float zterm[R];                                                                                       \
-    for (int r = 0; r < R; ++r) { acc[r] = PFX##_setzero_ps(); zterm[r] = 0.0f; }                         \
+    VF acc[MR][R], a0[MR][R], a1[MR][R];                                                                  \
+    float zterm[MR][R];                                                                                   \
+    for (int m = 0; m < MR; ++m)                                                                          \
+      for (int r = 0; r < R; ++r) { acc[m][r] = PFX##_setzero_ps(); zterm[m][r] = 0.0f; }                 \
     for (int64_t g = 0; g < G; ++g) {                                                                     \
-      for (int r = 0; r < R; ++r) { a0[r] = PFX##_setzero_ps(); a1[r] = PFX##_setzero_ps(); }            \
+      for (int m = 0; m < MR; ++m)                                                                        \
+        for (int r = 0; r < R; ++r) { a0[m][r] = PFX##_setzero_ps(); a1[m][r] = PFX##_setzero_ps(); }    \
       for (int64_t k = g * gs; k < (g + 1) * gs; k += 8 * L) {                                            \
         VI v[R];                                                                                          \
         for (int r = 0; r < R; ++r) v[r] = PFX##_loadu_##SI(reinterpret_cast<const VI*>(w + r * half + k / 2)); \
@@ -160,12 +170,15 @@ void prepare_f32(const float* x, int64_t K, int64_t gs, float* xp, float* /*xs*/
         NVILA_NIBBLE(PFX, SI, VF, VI, L, 6, a0) NVILA_NIBBLE(PFX, SI, VF, VI, L, 7, a1)                  \
       }                                                                                                   \
       for (int r = 0; r < R; ++r) {                                                                       \
-        const float s = sc[r * G + g];                                                                    \
-        acc[r] = PFX##_fmadd_ps(PFX##_add_ps(a0[r], a1[r]), PFX##_set1_ps(s), acc[r]);                    \
-        zterm[r] += s * static_cast<float>(zr[r * G + g]) * xsum[g];                                      \
+        const float s = sc[r * G + g], z = static_cast<float>(zr[r * G + g]);                             \
+        for (int m = 0; m < MR; ++m) {                                                                    \
+          acc[m][r] = PFX##_fmadd_ps(PFX##_add_ps(a0[m][r], a1[m][r]), PFX##_set1_ps(s), acc[m][r]);      \
+          zterm[m][r] += s * z * xsum[m * G + g];                                                         \
+        }                                                                                                 \
       }                                                                                                   \
     }                                                                                                     \
-    for (int r = 0; r < R; ++r) out[r] = HSUM(acc[r]) - zterm[r];                                         \
+    for (int m = 0; m < MR; ++m)                                                                          \
+      for (int r = 0; r < R; ++r) out[m * N + r] = HSUM(acc[m][r]) - zterm[m][r];                         \
   }
 
 NVILA_ROWS_F32(rows_f32, , _mm256, si256, __m256, __m256i, 8, hsum)
@@ -283,64 +296,115 @@ void rows_dyn16(const uint8_t* w, const float* sc, const uint8_t* zr, const int1
 }
 
 // ----------------------------------------------------------------------------------- W4 GEMV
-// A W4 GEMV over activations prepared per row: Prep(x_row, K, gs, act_row (K), xs_row (G), xsum_row (G)), then
-// Rows<R>(w, scales, zeros, act_row, xs_row, xsum_row, K, gs, out) writes R consecutive outputs of a row.
-template <typename A> using W4Prep = void (*)(const float*, int64_t, int64_t, A*, float*, float*);
-template <typename A>
-using W4Rows = void (*)(const uint8_t*, const float*, const uint8_t*, const A*, const float*, const float*, int64_t,
-                        int64_t, float*);
+// A W4 GEMV kernel is a policy P: P::A, the prepared activation element; P::prep(x_row, K, gs, act_row (K),
+// xs_row (G), xsum_row (G)); P::rows<R, MR>(w, scales, zeros, act, xs, xsum, K, gs, out, N), R consecutive
+// outputs of MR activation rows (rows K, G and N apart); P::kMR, the most activation rows one call takes.
+template <int L, bool Avx512>
+struct F32Kernel {
+  using A = float;
+  static constexpr int kMR = 4;  // 4 activation rows share each weight decode (registers: 4 x 4 x 3 vectors)
+  static void prep(const float* x, int64_t K, int64_t gs, float* a, float* xs, float* xsum) {
+    prepare_f32<L>(x, K, gs, a, xs, xsum);
+  }
+  template <int R, int MR>
+  static void rows(const uint8_t* w, const float* sc, const uint8_t* zr, const float* a, const float* xs,
+                   const float* xsum, int64_t K, int64_t gs, float* out, int64_t N) {
+    if constexpr (Avx512)
+      rows_f32_avx512<R, MR>(w, sc, zr, a, xs, xsum, K, gs, out, N);
+    else
+      rows_f32<R, MR>(w, sc, zr, a, xs, xsum, K, gs, out, N);
+  }
+};
 
-template <typename A, W4Prep<A> Prep, W4Rows<A> RowsN, W4Rows<A> Rows1>
+template <typename T, void (*Prep)(const float*, int64_t, int64_t, T*, float*, float*), template <int> class Rows>
+struct IntKernel {  // the int8 / int16 activation kernels: one activation row per call
+  using A = T;
+  static constexpr int kMR = 1;
+  static void prep(const float* x, int64_t K, int64_t gs, T* a, float* xs, float* xsum) { Prep(x, K, gs, a, xs, xsum); }
+  template <int R, int MR>
+  static void rows(const uint8_t* w, const float* sc, const uint8_t* zr, const T* a, const float* xs,
+                   const float* xsum, int64_t K, int64_t gs, float* out, int64_t /*N*/) {
+    static_assert(MR == 1);
+    Rows<R>::run(w, sc, zr, a, xs, xsum, K, gs, out);
+  }
+};
+template <int R> struct Dyn8Rows { static constexpr auto run = rows_dyn8<R>; };
+template <int R> struct Dyn16Rows { static constexpr auto run = rows_dyn16<R>; };
+
+// Weight rows [n0, n1) of activation rows [m, m + MR), bias included.
+template <typename P, int MR>
+void w4_block(const uint8_t* w, const float* sc, const uint8_t* zr, const typename P::A* act, const float* xs,
+              const float* xsum, const float* b, int64_t K, int64_t N, int64_t gs, int64_t m, int64_t n0, int64_t n1,
+              float* out) {
+  const int64_t G = K / gs;
+  const typename P::A* a = act + m * K;
+  float* o = out + m * N;
+  constexpr int R = MR >= 4 ? 2 : kRows;  // accumulators: MR x R x 3 vectors
+  int64_t n = n0;
+  for (; n + R <= n1; n += R)
+    P::template rows<R, MR>(w + n * (K / 2), sc + n * G, zr + n * G, a, xs + m * G, xsum + m * G, K, gs, o + n, N);
+  for (; n < n1; ++n)
+    P::template rows<1, MR>(w + n * (K / 2), sc + n * G, zr + n * G, a, xs + m * G, xsum + m * G, K, gs, o + n, N);
+  if (b)
+    for (int mm = 0; mm < MR; ++mm)
+      for (n = n0; n < n1; ++n) o[mm * N + n] += b[n];
+}
+
+template <typename P>
 at::Tensor w4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros,
                    int64_t gs, const std::optional<at::Tensor>& bias) {
   check_inputs(x, qweight, scales, zeros, gs, bias);
   const int64_t M = x.size(0), K = x.size(1), N = qweight.size(0), G = K / gs;
   auto y = at::empty({M, N}, x.options());
-  std::vector<A> act(M * K);
+  std::vector<typename P::A> act(M * K);
   std::vector<float> xs(M * G), xsum(M * G);
   const float* xd = x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) Prep(xd + m * K, K, gs, &act[m * K], &xs[m * G], &xsum[m * G]);
+    for (int64_t m = m0; m < m1; ++m) P::prep(xd + m * K, K, gs, &act[m * K], &xs[m * G], &xsum[m * G]);
   });
   const uint8_t* w = qweight.data_ptr<uint8_t>();
   const float* sc = scales.data_ptr<float>();
   const uint8_t* zr = zeros.data_ptr<uint8_t>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
-  for_rows(M, N, K / 2, [&](int64_t m, int64_t n0, int64_t n1) {
-    float* o = out + m * N;
-    const A* a = &act[m * K];
-    int64_t n = n0;
-    for (; n + kRows <= n1; n += kRows) RowsN(w + n * (K / 2), sc + n * G, zr + n * G, a, &xs[m * G], &xsum[m * G], K, gs, o + n);
-    for (; n < n1; ++n) Rows1(w + n * (K / 2), sc + n * G, zr + n * G, a, &xs[m * G], &xsum[m * G], K, gs, o + n);
-    if (b)
-      for (n = n0; n < n1; ++n) o[n] += b[n];
+  for_rows(M, N, K / 2, P::kMR, [&](int64_t m, int64_t mc, int64_t n0, int64_t n1) {
+    const auto block = [&](auto mr, int64_t m1) {
+      w4_block<P, decltype(mr)::value>(w, sc, zr, act.data(), xs.data(), xsum.data(), b, K, N, gs, m1, n0, n1, out);
+    };
+    for (int64_t m1 = m; m1 < m + mc;) {
+      const int64_t left = m + mc - m1;
+      if constexpr (P::kMR >= 4)
+        if (left >= 4) { block(std::integral_constant<int, 4>{}, m1); m1 += 4; continue; }
+      if constexpr (P::kMR >= 2)
+        if (left >= 2) { block(std::integral_constant<int, 2>{}, m1); m1 += 2; continue; }
+      block(std::integral_constant<int, 1>{}, m1);
+      m1 += 1;
+    }
   });
   return y;
 }
 
 at::Tensor w4a16_linear_f32(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                             const at::Tensor& zeros, int64_t gs, const std::optional<at::Tensor>& bias) {
-  return w4_gemv<float, prepare_f32<8>, rows_f32<kRows>, rows_f32<1>>(x, qweight, scales, zeros, gs, bias);
+  return w4_gemv<F32Kernel<8, false>>(x, qweight, scales, zeros, gs, bias);
 }
 
 at::Tensor w4a16_linear_f32_avx512(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                    const at::Tensor& zeros, int64_t gs, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(gs % 128 == 0, "the AVX-512 kernel needs a group size that is a multiple of 128");
-  return w4_gemv<float, prepare_f32<16>, rows_f32_avx512<kRows>, rows_f32_avx512<1>>(x, qweight, scales, zeros, gs,
-                                                                                      bias);
+  return w4_gemv<F32Kernel<16, true>>(x, qweight, scales, zeros, gs, bias);
 }
 
 at::Tensor w4a16_linear_dyn8(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                              const at::Tensor& zeros, int64_t gs, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(gs <= 256, "the int8-activation kernel needs a group size <= 256 (int16 partial sums)");
-  return w4_gemv<int8_t, prepare_dyn8, rows_dyn8<kRows>, rows_dyn8<1>>(x, qweight, scales, zeros, gs, bias);
+  return w4_gemv<IntKernel<int8_t, prepare_dyn8, Dyn8Rows>>(x, qweight, scales, zeros, gs, bias);
 }
 
 at::Tensor w4a16_linear_dyn16(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                               const at::Tensor& zeros, int64_t gs, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(gs <= 4096, "the int16-activation kernel needs a group size <= 4096 (int32 partial sums)");
-  return w4_gemv<int16_t, prepare_dyn16, rows_dyn16<kRows>, rows_dyn16<1>>(x, qweight, scales, zeros, gs, bias);
+  return w4_gemv<IntKernel<int16_t, prepare_dyn16, Dyn16Rows>>(x, qweight, scales, zeros, gs, bias);
 }
 
 // ------------------------------------------------------------------------------------ dequantize
@@ -503,7 +567,7 @@ at::Tensor w8a8_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
   const float* sc = scales.data_ptr<float>();
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   float* out = y.data_ptr<float>();
-  for_rows(M, N, K, [&](int64_t m, int64_t n0, int64_t n1) {
+  for_rows(M, N, K, 1, [&](int64_t m, int64_t /*mc = 1*/, int64_t n0, int64_t n1) {
     float* o = out + m * N;
     const int8_t* q = &xq[m * K];
     const uint8_t* a = &xa[m * K];
