@@ -162,7 +162,7 @@ def main() -> None:
         base = statistics.median(rates[args.kernels[0]])
         for k, v in rates.items():
             med = statistics.median(v)
-            print(f"| {k} | {med:.2f} | {' '.join(f'{r:.2f}' for r in v)} | {med / base:.2f} | {med / bound:.0%} |")
+            print(f"| {k} | {med:.2f} | {' '.join(f'{r:.2f}' for r in v)} | {med / base:.2f} | {med / args.batch / bound:.0%} |")
         del model, engine
 
 
