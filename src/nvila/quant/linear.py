@@ -23,14 +23,14 @@ moved, so a ``load_state_dict`` or ``.to(...)`` never leaves stale packed weight
 Kernels (``KERNELS``: (scheme, device type) -> kernel class), measured on the 2-core AVX2 dev box
 (1 thread, cold weights, 1536 -> 8960, ms; fp32 ``F.linear`` 3.5 at M=1 and 383 at M=1024):
 
-* ``w8a8``/cpu (``w8a8_cpu_kernel_names``): at 1 row nvila's AVX2 GEMV on the stored weight
-  (``cpu_kernels.cpp``; 0.86 vs fbgemm's 1.00 at M=1 on this shape); from 2 rows
-  ``quantized.linear_dynamic`` (per-channel prepacked weight, activations quantized per call with
-  ``reduce_range`` so AVX2's 16-bit pair sums cannot saturate): fbgemm (57 at M=1024), and from 4
-  rows oneDNN's AMX-int8 GEMM on CPUs with AMX.
+* ``w8a8``/cpu (``w8a8_cpu_kernel_names``): at 1 row nvila's GEMV on the stored weight
+  (``cpu_kernels.cpp``, AVX-512 VNNI or AVX2; 0.86 vs fbgemm's 1.00 at M=1 on this shape for AVX2),
+  up to 3 rows where the CPU has VNNI; above that ``quantized.linear_dynamic`` (per-channel prepacked
+  weight, activations quantized per call with ``reduce_range`` so AVX2's 16-bit pair sums cannot
+  saturate): fbgemm (57 at M=1024), and from 4 rows oneDNN's AMX-int8 GEMM on CPUs with AMX.
 * ``w4a16``/cpu: chosen by ``w4a16_cpu_kernel_name``. On x86-64 with AVX2, nvila's own kernels
-  (``cpu_kernels.cpp``, compiled at first use by ``cpu_kernels.py``): a fused GEMV with fp32 activations
-  for small batches and slab-wise dequantize + MKL fp32 GEMM for large ones, on the checkpoint tensors
+  (``cpu_kernels.cpp``, compiled at first use by ``cpu_kernels.py``; AVX-512 code where torch's
+  capability is AVX512): a fused GEMV with fp32 activations for small batches and slab-wise dequantize + MKL fp32 GEMM for large ones, on the checkpoint tensors
   as stored. Elsewhere, or without a compiler, ``_weight_int4pack_mm_for_cpu`` with bf16 activations.
   Per Qwen2-1.5B layer at batch 1, weights streamed from DRAM (benchmarks/bench_w4_kernels.py, 2-core
   Xeon with AVX-512 bf16; 1 thread): int4pack 3.50 ms, avx2-fp32 2.82 ms; with torch limited to AVX2
@@ -289,7 +289,8 @@ class _W4A16Avx2:
     """nvila's kernels (``cpu_kernels.cpp``, AVX2 or AVX-512) on the module's own tensors; no repacking.
 
     Up to ``GEMV_MAX_ROWS[name]`` rows (decode, small batches) a fused GEMV reads the 4-bit codes once per
-    call (the fp32 ones also decode them once per 4 rows, and give each row the result it gets alone); above that (prefill) ``w4a16_linear_dequant`` dequantizes slabs of rows for MKL's fp32 GEMM. The
+    call (the fp32 ones also decode them once per 4 rows, and give each row the result it gets alone);
+    above that (prefill) ``w4a16_linear_dequant`` dequantizes slabs of rows for MKL's fp32 GEMM. The
     limits are the measured crossovers (benchmarks/bench_w4_kernels.py ``--sweep``).
     """
 
