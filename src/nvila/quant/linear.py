@@ -31,7 +31,8 @@ Kernels (``KERNELS``: (scheme, device type) -> kernel class), measured on the 2-
 * ``w4a16``/cpu: chosen by ``w4a16_cpu_kernel_name``. On x86-64 with AVX2, nvila's own kernels
   (``cpu_kernels.cpp``, compiled at first use by ``cpu_kernels.py``; AVX-512 code where torch's
   capability is AVX512): a fused GEMV with fp32 activations for small batches and slab-wise
-  dequantize + MKL fp32 GEMM for large ones, on the checkpoint tensors as stored. Elsewhere, or without a compiler, ``_weight_int4pack_mm_for_cpu`` with bf16 activations.
+  dequantize + MKL fp32 GEMM for large ones, on the checkpoint tensors as stored. Elsewhere, or
+  without a compiler, ``_weight_int4pack_mm_for_cpu`` with bf16 activations.
   Per Qwen2-1.5B layer at batch 1, weights streamed from DRAM (benchmarks/bench_w4_kernels.py, 2-core
   Xeon with AVX-512 bf16; 1 thread): int4pack 3.50 ms, avx2-fp32 2.82 ms; with torch limited to AVX2
   (as on AMD Zen 2) int4pack 4.92 ms, avx2-fp32 2.86 ms.
