@@ -302,7 +302,7 @@ void rows_dyn16(const uint8_t* w, const float* sc, const uint8_t* zr, const int1
 template <int L, bool Avx512>
 struct F32Kernel {
   using A = float;
-  static constexpr int kMR = 4;  // 4 activation rows share each weight decode (registers: 4 x 4 x 3 vectors)
+  static constexpr int kMR = 4;  // 4 activation rows share each weight decode (w4_block: 2 weight rows then)
   static void prep(const float* x, int64_t K, int64_t gs, float* a, float* xs, float* xsum) {
     prepare_f32<L>(x, K, gs, a, xs, xsum);
   }
