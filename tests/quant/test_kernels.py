@@ -234,7 +234,7 @@ def test_fp32_gemvs_match_reference(n, k, group_size, bias, rows, op):
     assert out.shape == (rows, n) and out.dtype == torch.float32
     assert _relerr(out, ref) < 2e-6
     assert torch.equal(getattr(ops, op)(x, m.qweight, m.scales, m.zeros, group_size, m.bias), out)
-    # rows share weight decodes 4 and 2 at a time (9 = 4 + 4 + 1, 3 = 2 + 1): each row's result is its own alone
+    # rows share weight decodes 2 at a time (9 = 4 x 2 + 1, 3 = 2 + 1): each row's result is its own alone
     assert all(torch.equal(getattr(ops, op)(x[i:i + 1], m.qweight, m.scales, m.zeros, group_size, m.bias),
                            out[i:i + 1]) for i in range(rows))
 

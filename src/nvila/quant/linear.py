@@ -290,12 +290,12 @@ class _W4A16Avx2:
     """nvila's kernels (``cpu_kernels.cpp``, AVX2 or AVX-512) on the module's own tensors; no repacking.
 
     Up to ``GEMV_MAX_ROWS[name]`` rows (decode, small batches) a fused GEMV reads the 4-bit codes once per
-    call (the fp32 ones also decode them once per 4 rows, and give each row the result it gets alone);
+    call (the fp32 ones also decode them once per 2 rows, and give each row the result it gets alone);
     above that (prefill) ``w4a16_linear_dequant`` dequantizes slabs of rows for MKL's fp32 GEMM. The
     limits are the measured crossovers (benchmarks/bench_w4_kernels.py ``--sweep``).
     """
 
-    GEMV_MAX_ROWS = {"avx2-fp32": 16, "avx512-fp32": 32, "avx2-dyn16": 16, "avx2-dyn8": 32}
+    GEMV_MAX_ROWS = {"avx2-fp32": 8, "avx512-fp32": 16, "avx2-dyn16": 16, "avx2-dyn8": 32}
 
     def __init__(self, m: "W4A16Linear", name: str):
         ops = torch.ops.nvila
