@@ -12,8 +12,8 @@ built). Text-only requests through ``Engine`` (batch 1, greedy, ``ignore_eos``):
 request, and the table shows medians. ``--batch B`` submits B identical requests together to an engine of
 B slots, so each decode step runs the linears on B rows: the rate is then the aggregate, the B requests'
 decoded tokens over the wall time from submission to the last token less the B prefills (which the engine
-runs one at a time between decode steps), and the bound is per step, not per token. Bound: read bandwidth (``torch.sum`` over 1 GiB, same threads) /
-weight bytes read per token. For an AVX2-only CPU's torch kernels, run it with
+runs one at a time between decode steps), and the bound is per step, not per token. Bound: read
+bandwidth (``torch.sum`` over 1 GiB, same threads) / weight bytes read per token. For an AVX2-only CPU's torch kernels, run it with
 ``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2`` (fbgemm, which runs the
 W8A8 head, keeps its own ISA choice).
 """
@@ -162,7 +162,8 @@ def main() -> None:
         base = statistics.median(rates[args.kernels[0]])
         for k, v in rates.items():
             med = statistics.median(v)
-            print(f"| {k} | {med:.2f} | {' '.join(f'{r:.2f}' for r in v)} | {med / base:.2f} | {med / args.batch / bound:.0%} |")
+            print(f"| {k} | {med:.2f} | {' '.join(f'{r:.2f}' for r in v)} | {med / base:.2f} | "
+                  f"{med / args.batch / bound:.0%} |")
         del model, engine
 
 

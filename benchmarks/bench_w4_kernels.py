@@ -84,6 +84,7 @@ class Bench:
         import torch
         import torch.nn.functional as F
 
+        from nvila.quant.cpu_kernels import cpu_supports_avx512
         from nvila.quant.linear import W4A16Linear, _W4A16Int4Pack
 
         self.torch, self.F, self.args = torch, F, args
@@ -116,13 +117,13 @@ class Bench:
             return [[(lambda x, m=m: op(x, m.qweight, m.scales, m.zeros, GROUP, m.bias)) for m in layer]
                     for layer in self.mods]
 
-        avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+        self.avx512 = cpu_supports_avx512()  # torch capability AVX512: not under --emulate-avx2
         # name -> (per-layer lists of callables, weight bytes per token-layer)
         self.candidates = {
             "fp32": ([[(lambda x, w=w, b=b: F.linear(x, w, b)) for w, b in layer] for layer in self.dense], fp_bytes),
             "int4pack": (pack, self.int4pack_bytes),
             "avx2-fp32": (native(ops.w4a16_linear_f32), w4_bytes),
-            **({"avx512-fp32": (native(ops.w4a16_linear_f32_avx512), w4_bytes)} if avx512 else {}),
+            **({"avx512-fp32": (native(ops.w4a16_linear_f32_avx512), w4_bytes)} if self.avx512 else {}),
             "avx2-dyn16": (native(ops.w4a16_linear_dyn16), w4_bytes),
             "avx2-dyn8": (native(ops.w4a16_linear_dyn8), w4_bytes),
         }
@@ -224,13 +225,12 @@ class Bench:
         pack = self.pack[0][4]
         ops = torch.ops.nvila
         w32 = m.dequantized_weight()
-        avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
         cands = {
             "fp32": lambda x: F.linear(x, w32),
             "int4pack": pack,
             "avx2-fp32": lambda x: ops.w4a16_linear_f32(x, m.qweight, m.scales, m.zeros, GROUP, None),
             **({"avx512-fp32": lambda x: ops.w4a16_linear_f32_avx512(x, m.qweight, m.scales, m.zeros, GROUP, None)}
-               if avx512 else {}),
+               if self.avx512 else {}),
             "avx2-dyn16": lambda x: ops.w4a16_linear_dyn16(x, m.qweight, m.scales, m.zeros, GROUP, None),
             "avx2-dyn8": lambda x: ops.w4a16_linear_dyn8(x, m.qweight, m.scales, m.zeros, GROUP, None),
             "dequant+mkl": lambda x: ops.w4a16_linear_dequant(x, m.qweight, m.scales, m.zeros, GROUP, None),

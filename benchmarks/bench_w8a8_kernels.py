@@ -1,4 +1,4 @@
-"""CPU W8A8 kernels side by side: nvila's AVX2 and AVX-512 VNNI GEMVs, fbgemm and oneDNN (AMX int8 where the CPU has it), by row count.
+"""CPU W8A8 kernels side by side by row count: nvila's AVX2 and AVX-512 VNNI GEMVs, fbgemm, oneDNN (AMX int8).
 
     PYTHONPATH=src python benchmarks/bench_w8a8_kernels.py [--threads 1 2] [--rows 1 2 4 8 16 32 256 1024]
 
@@ -6,9 +6,9 @@ One Qwen2-1.5B MLP shape (1536 -> 8960) through ``W8A8Linear`` with ``NVILA_W8A8
 each engine, and the float32 ``F.linear`` of the same weights for scale. Cold weights: 24 layers' worth
 (330 MB of int8, more than the caches) are cycled, as a decode step reads them. Best of 3 passes, ms per
 layer. Both engines quantize the activations alike; the largest difference between their outputs is
-printed. ``avx2`` and ``avx512-vnni`` (``cpu_kernels.cpp``; the latter only where the CPU has AVX-512 VNNI)
-round the activations per row instead, so their outputs differ from fbgemm's by the activation rounding. ``auto`` (``w8a8_cpu_kernel_names``) is measured too: it
-should track the fastest per row count.
+printed. ``avx2`` and ``avx512-vnni`` (``cpu_kernels.cpp``; the latter only where the CPU has AVX-512
+VNNI) round the activations per row instead, so their outputs differ from fbgemm's by the activation
+rounding. ``auto`` (``w8a8_cpu_kernel_names``) is measured too: it should track the fastest per row count.
 """
 from __future__ import annotations
 

@@ -142,7 +142,8 @@ def load_cpu_kernels() -> bool:
         for w in caught:
             logger.info("while building nvila's CPU kernels: %s", w.message)
     logger.debug("nvila's CPU kernels loaded from %s in %.1f s", directory, time.perf_counter() - start)
-    for op in ("w4a16_linear_f32", "w4a16_linear_f32_avx512", "w4a16_linear_dyn16", "w4a16_linear_dyn8", "w4a16_linear_dequant"):
+    for op in ("w4a16_linear_f32", "w4a16_linear_f32_avx512", "w4a16_linear_dyn16", "w4a16_linear_dyn8",
+               "w4a16_linear_dequant"):
         torch.library.register_fake(f"nvila::{op}")(_linear_fake)
     torch.library.register_fake("nvila::w4a16_dequantize")(_dequantize_fake)
     for op in ("w8a8_linear_dyn8", "w8a8_linear_vnni"):
