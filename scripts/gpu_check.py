@@ -25,7 +25,10 @@ runs):
   ``F.linear`` in bf16 (float32 on CPU) against ``fp8_linear``: milliseconds each;
 * ``speed``: TTFT and decode tokens/s of the NVILA-Lite-2B shape (random weights, one 896x896 image)
   through the engine, against transformers' Qwen2-VL-2B shape on the same image and prompt
-  (benchmarks/bench_engine.py builds both), in bf16 on CUDA (float32 on CPU).
+  (benchmarks/bench_engine.py builds both), in bf16 on CUDA (float32 on CPU); our decode with CUDA
+  graphs (the engine's default on CUDA) and eager; TTFT split into submit -> prefill start
+  (preprocessing), encode + prefill, and the rest. ``--profile FILE`` adds torch.profiler tables of
+  one prompt through ``model.generate``.
 
 The script needs the repository (tests/ and benchmarks/ hold the assets and model builders).
 """
@@ -201,7 +204,23 @@ def check_fp8(t: Table, device: torch.device, quick: bool) -> None:
     t.add("fp8", f"linear {n}x{k}->{m} fwd+bwd: {label} F.linear / fp8_linear", f"{plain:.2f} / {fp8:.2f} ms")
 
 
-def check_speed(t: Table, device: torch.device, quick: bool) -> None:
+def profile_ttft(model, processor, messages, device: torch.device, path: Path) -> None:
+    """The operators of one prompt's prefill (tower, projector, LLM) and 3 eager decode steps
+    through ``model.generate``, by device time and by host time (torch.profiler tables)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs, _ = processor.prepare([messages], add_generation_prompt=True)
+    inputs = inputs.to(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        sync(device)
+    by = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=by, row_limit=40) + "\n\n"
+                    + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def check_speed(t: Table, device: torch.device, quick: bool, profile_path: Path | None = None) -> None:
     import bench_engine as B
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -209,8 +228,9 @@ def check_speed(t: Table, device: torch.device, quick: bool) -> None:
     model, processor, engine = B.build_nvila_lite_2b(None)
     engine.shutdown()
     model = model.to(device=device, dtype=dtype)
-    engine = Engine(model.eval(), processor, EngineConfig(max_batch_size=1, max_seq_len=2048, vision_cache_size=0,
-                                                          prefix_cache_mib=0))
+    config = EngineConfig(max_batch_size=1, max_seq_len=2048, vision_cache_size=0, prefix_cache_mib=0)
+    engine = Engine(model.eval(), processor, config)
+    eager = Engine(model, processor, EngineConfig(**{**config.__dict__, "cuda_graphs": False}))
     image = B.test_image(896)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": B.PROMPT}]}]
     qwen = B.build_qwen2vl_2b().to(device=device, dtype=dtype)
@@ -227,22 +247,36 @@ def check_speed(t: Table, device: torch.device, quick: bool) -> None:
                           pad_token_id=0)
         return clock.times[0] - t0, B._decode_rate(clock.times)
 
+    def ours_run(e: Engine):  # (TTFT, decode tok/s, submit -> prefill start, encode + prefill)
+        h = e.submit(GenerationRequest(messages=messages, max_tokens=new_tokens, ignore_eos=True))
+        h.text()
+        m = h.metrics
+        return m.ttft_s, m.decode_tokens_per_s, m.queue_s, m.prefill_s
+
     try:
-        B.run_engine(engine, messages, 4), qwen_run()  # warm-up: kernels, allocator
-        ours, theirs = [], []
+        ours_run(engine), ours_run(eager), qwen_run()  # warm-up: kernels, allocator, decode graphs
+        ours, theirs, plain = [], [], []
         for _ in range(pairs):
             sync(device)
-            ours.append(B.run_engine(engine, messages, new_tokens))
+            ours.append(ours_run(engine))
             sync(device)
             theirs.append(qwen_run())
-        ttft = [statistics.median(r[0] for r in rs) for rs in (ours, theirs)]
-        rate = [statistics.median(r[1] for r in rs) for rs in (ours, theirs)]
+            sync(device)
+            plain.append(ours_run(eager))
+        med = [[statistics.median(r[i] for r in rs) for i in range(len(rs[0]))] for rs in (ours, theirs, plain)]
         label = str(dtype).removeprefix("torch.")
-        t.add("speed", f"TTFT 896x896, NVILA-Lite-2B ({label}) / Qwen2-VL-2B", f"{ttft[0]:.3f} s / {ttft[1]:.3f} s")
-        t.add("speed", "TTFT ratio (Qwen2-VL / ours)", f"{ttft[1] / ttft[0]:.2f}x")
-        t.add("speed", "decode tok/s batch 1, NVILA-Lite-2B / Qwen2-VL-2B", f"{rate[0]:.1f} / {rate[1]:.1f}")
+        t.add("speed", f"TTFT 896x896, NVILA-Lite-2B ({label}) / Qwen2-VL-2B", f"{med[0][0]:.3f} s / {med[1][0]:.3f} s")
+        t.add("speed", "TTFT ratio (Qwen2-VL / ours)", f"{med[1][0] / med[0][0]:.2f}x")
+        t.add("speed", "TTFT parts: submit->prefill / encode+prefill / rest",
+              f"{med[0][2]:.3f} / {med[0][3]:.3f} / {med[0][0] - med[0][2] - med[0][3]:.3f} s")
+        graphs = "CUDA graphs" if device.type == "cuda" else "eager"
+        t.add("speed", f"decode tok/s batch 1, NVILA-Lite-2B ({graphs}) / Qwen2-VL-2B", f"{med[0][1]:.1f} / {med[1][1]:.1f}")
+        t.add("speed", "decode tok/s batch 1, NVILA-Lite-2B eager", f"{med[2][1]:.1f}")
+        if profile_path is not None:
+            profile_ttft(model, processor, messages, device, profile_path)
     finally:
         engine.shutdown()
+        eager.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -252,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and one pair in the speed section")
     ap.add_argument("--json", type=Path, help="also write the table here")
+    ap.add_argument("--profile", type=Path, help="speed section: write torch.profiler tables of one prompt here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -277,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                "engine": lambda: check_engine(t, ckpts, device, dtypes),
                "quant": lambda: check_quant(t, ckpts, device, work),
                "fp8": lambda: check_fp8(t, device, args.quick),
-               "speed": lambda: check_speed(t, device, args.quick)}
+               "speed": lambda: check_speed(t, device, args.quick, args.profile)}
         for section in SECTIONS:
             if section not in sections:
                 continue

@@ -186,9 +186,13 @@ class Runner:
     * ``prefill(slot, embeds, start)``: one sequence's tokens at positions ``start..start+n-1``
       (keys ``[0, start)`` already in the slot, e.g. a reused prefix); writes their K/V;
     * ``decode(tokens, positions)``: one new token for each of the first B slots at its position.
+
+    ``cuda_graphs`` (CUDA only): decode steps replay CUDA graphs (``DecodeGraphs``) instead of
+    launching each layer's kernels from Python.
     """
 
-    def __init__(self, llm: nn.Module, slots: int, max_len: int, *, attention: str = "auto"):
+    def __init__(self, llm: nn.Module, slots: int, max_len: int, *, attention: str = "auto",
+                 cuda_graphs: bool = False):
         cfg = llm.config
         self.llm = llm
         self.heads = cfg.num_attention_heads
@@ -202,6 +206,7 @@ class Runner:
         self.onednn_continuations = (weight.device.type == "cpu" and weight.dtype == torch.float32
                                      and torch.backends.mkldnn.is_available()
                                      and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+        self.graphs = DecodeGraphs(self) if cuda_graphs and weight.device.type == "cuda" else None
 
     def _qkv(self, attn: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, linear=_call):
         b, n, _ = h.shape
@@ -264,15 +269,27 @@ class Runner:
         Returns:
             (B, V) logits.
         """
-        model = self.llm.model
-        b = tokens.shape[0]
         length = max(positions) + 1
         if length > self.cache.max_len:
             raise ValueError(f"position {length - 1} is outside the cache of {self.cache.max_len}")
+        if self.graphs is not None:
+            try:
+                return self.graphs.run(tokens, positions, length)
+            except RuntimeError as e:  # a module that cannot be captured: eager from now on
+                self.graphs = None
+                logger.warning("CUDA graph decode failed (%s); decoding eagerly",
+                               str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
         pos = torch.tensor(positions, device=tokens.device)
         valid = None  # rows at different positions mask the keys past their own
         if min(positions) != length - 1:
             valid = torch.arange(length, device=tokens.device)[None] <= pos[:, None]  # (B, T)
+        return self._decode(tokens, pos, length, valid)
+
+    def _decode(self, tokens: torch.Tensor, pos: torch.Tensor, span: int, valid: torch.Tensor | None) -> torch.Tensor:
+        """The layers of one step: tokens (B,), pos (B,) on the device; attention over keys [0, span)
+        of each slot, masked by ``valid`` (B, span) unless None. Returns (B, V) logits."""
+        model = self.llm.model
+        b = tokens.shape[0]
         x = model.embed_tokens(tokens)[:, None]  # (B, 1, H)
         cos, sin = model.rotary_emb(x, pos[:, None])
         rows = torch.arange(b, device=tokens.device)
@@ -281,8 +298,64 @@ class Runner:
             q, k, v = self._qkv(attn, layer.input_layernorm(x), cos, sin)  # q (B, nh, 1, hd)
             self.cache.k[i, rows, :, pos] = k[:, :, 0]
             self.cache.v[i, rows, :, pos] = v[:, :, 0]
-            o = self.attention(q, self.cache.k[i, :b, :, :length], self.cache.v[i, :b, :, :length], valid,
+            o = self.attention(q, self.cache.k[i, :b, :, :span], self.cache.v[i, :b, :, :span], valid,
                                attn.scaling)  # (B, nh, 1, hd)
             x = x + attn.o_proj(o.transpose(1, 2).reshape(b, 1, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.llm.lm_head(model.norm(x))[:, 0]
+
+
+class DecodeGraphs:
+    """CUDA graphs of ``Runner``'s decode step, one per (rows B, key span), captured on first use.
+
+    A step of eager decode launches every layer's ~40 kernels from Python, and on a GPU that launch
+    time, not the math, sets the step's time; a graph replays them all in one launch. Graphs need
+    fixed shapes, so attention reads a key span that is a power of two (at least ``MIN_SPAN``,
+    at most the cache) and masks the keys past each row's position: the same result as the eager
+    step up to the order of float sums. Inputs are copied into the graph's own tensors; the logits
+    returned are a copy (the next replay overwrites the graph's). All graphs share one memory pool.
+    Capture runs the step once first (lazy kernel setup must not happen during capture): with the
+    real inputs, so the keys and values it writes are the ones the step writes.
+    """
+
+    MIN_SPAN = 256
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.pool = None
+
+    def span(self, length: int) -> int:
+        return min(max(self.MIN_SPAN, 1 << (length - 1).bit_length()), self.runner.cache.max_len)
+
+    def run(self, tokens: torch.Tensor, positions: list[int], length: int) -> torch.Tensor:
+        key = (tokens.shape[0], self.span(length))
+        pos = torch.tensor(positions)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(tokens, pos, *key)
+        graph, static_tokens, static_pos, logits = self.graphs[key]
+        static_tokens.copy_(tokens)
+        static_pos.copy_(pos)
+        graph.replay()
+        return logits.clone()
+
+    def _capture(self, tokens: torch.Tensor, pos: torch.Tensor, b: int, span: int):
+        device = tokens.device
+        static_tokens, static_pos = tokens.clone(), pos.to(device)
+
+        def step() -> torch.Tensor:  # every tensor it makes is the graph's (a freed outside one would be reused)
+            valid = torch.arange(span, device=device)[None] <= static_pos[:, None]  # (B, span)
+            return self.runner._decode(static_tokens, static_pos, span, valid)
+
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                logits = step()
+        self.pool = graph.pool()
+        logger.debug("captured a decode graph for %d rows over %d keys", b, span)
+        return graph, static_tokens, static_pos, logits

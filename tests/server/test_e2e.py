@@ -166,7 +166,8 @@ def test_memory_stays_flat_over_repeated_requests(live_server):
 
 
 def test_cli_ready_line_request_log_api_key_and_sigterm(tiny_lite):
-    server = LiveServer(["--model", str(tiny_lite), "--port", "0", "--api-key", "k3y", "--max-batch-size", "2"])
+    server = LiveServer(["--model", str(tiny_lite), "--port", "0", "--api-key", "k3y", "--max-batch-size", "2",
+                          "--no-cuda-graphs"])
     try:
         assert f"(model {tiny_lite.name}; media: data: URLs; API key required)" in server.lines[-1]
         with pytest.raises(openai.AuthenticationError):

@@ -187,6 +187,59 @@ def test_a_failing_onednn_linear_falls_back_to_the_modules_with_one_warning(nvil
     torch.testing.assert_close(got, runner.prefill(0, embeds[:, 30:], start=30), rtol=0, atol=0)
 
 
+def test_the_decode_graphs_step_over_a_fixed_masked_span_equals_the_eager_step(nvila):
+    """CUDA graphs (``llm.DecodeGraphs``) replay ``Runner._decode`` over a power-of-two key span with
+    the keys past each row's position masked; on the CPU that step is checked against the eager one,
+    for rows at different positions, and so are the spans the graphs are keyed by."""
+    from nvila import llm as llm_module
+
+    _, model = nvila
+    vocab = model.llm.config.vocab_size
+    embeds = model.llm.get_input_embeddings()(torch.arange(5, 5 + 40)[None] % vocab)
+
+    def step(graph_like: bool):
+        runner = llm_module.Runner(model.llm, 2, 1024, attention="sdpa")
+        runner.prefill(0, embeds[:, :40])
+        runner.prefill(1, embeds[:, :25])
+        tokens, positions = torch.tensor([7, 9]), [40, 25]
+        if not graph_like:
+            return runner.decode(tokens, positions), runner.cache.k[:, :2, :, :41].clone()
+        pos, span = torch.tensor(positions), llm_module.DecodeGraphs(runner).span(41)
+        logits = runner._decode(tokens, pos, span, torch.arange(span)[None] <= pos[:, None])
+        return logits, runner.cache.k[:, :2, :, :41].clone()
+
+    (eager, k_eager), (masked, k_masked) = step(False), step(True)
+    torch.testing.assert_close(masked, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_masked, k_eager, rtol=1e-5, atol=1e-5)  # layer 0 bitwise, later ones follow the sums
+    graphs = llm_module.DecodeGraphs(llm_module.Runner(model.llm, 1, 1000))
+    assert [graphs.span(n) for n in (1, 256, 257, 600, 999)] == [256, 256, 512, 1000, 1000]
+
+
+def test_a_failing_decode_graph_falls_back_to_eager_with_one_warning(nvila, caplog):
+    from nvila import llm as llm_module
+
+    _, model = nvila
+    runner = llm_module.Runner(model.llm, 1, 64)
+    expected = llm_module.Runner(model.llm, 1, 64)
+
+    class Broken:
+        def run(self, *args):
+            raise RuntimeError("operation not permitted when stream is capturing\ndetail")
+
+    runner.graphs = Broken()
+    embeds = model.llm.get_input_embeddings()(torch.arange(3, 3 + 10)[None] % model.llm.config.vocab_size)
+    for r in (runner, expected):
+        r.prefill(0, embeds)
+    with caplog.at_level("WARNING", logger="nvila.llm"):
+        got = runner.decode(torch.tensor([4]), [10])
+        again = runner.decode(torch.tensor([5]), [11])
+    assert runner.graphs is None
+    assert [r.getMessage() for r in caplog.records] == [
+        "CUDA graph decode failed (operation not permitted when stream is capturing); decoding eagerly"]
+    torch.testing.assert_close(got, expected.decode(torch.tensor([4]), [10]), rtol=0, atol=0)
+    torch.testing.assert_close(again, expected.decode(torch.tensor([5]), [11]), rtol=0, atol=0)
+
+
 def test_generate_logits_processors_and_a_growing_cache(nvila):
     """Per-row processors steer each row and ``accept`` ends it; decoding past the first cache
     allocation (256 new positions) grows the cache without changing the ids."""

@@ -70,6 +70,7 @@ class EngineConfig:
     threads: int | None = None  # torch intra-op threads for the scheduler; None = torch's default
     vision_cache_size: int = 64  # media whose features are kept (0: no cache)
     prefix_cache_mib: float = 512.0  # KV of finished requests kept for prefix reuse (0: no cache)
+    cuda_graphs: bool = True  # on CUDA, decode steps replay CUDA graphs (llm.DecodeGraphs); False: eager
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -231,7 +232,8 @@ class Engine:
         self.model_id = model_id
         self.context_length = min(self.config.max_seq_len or model.config.llm.model_max_length,
                                   model.config.llm.model_max_length)
-        self.runner = Runner(model.llm, self.config.max_batch_size, self.context_length)
+        self.runner = Runner(model.llm, self.config.max_batch_size, self.context_length,
+                             cuda_graphs=self.config.cuda_graphs)
         self._stop_ids = set(model.ids.stop)
         self._speller = TokenSpeller(processor.tokenizer)
         self._constraints: JsonConstraints | None = None  # built on the first response_format request

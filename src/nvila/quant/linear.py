@@ -273,8 +273,10 @@ class _W4A16Int4Pack:
         sz = torch.stack([scales.t(), ((8.0 - zeros) * scales).t()], dim=-1)  # (G, N, 2)
         self.scales_zeros = sz.to(torch.bfloat16).contiguous()
         self.group_size = m.group_size
-        if cuda:
-            self.packed = torch.ops.aten._convert_weight_to_int4pack(codes, 8)
+        if cuda:  # tinygemm takes (N, K/2) uint8, the even column in the high nibble, K in tiles of 16 x inner
+            pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
+            inner = next(t for t in (8, 4, 2) if codes.shape[1] % (16 * t) == 0)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs, inner)
             self.mm = torch.ops.aten._weight_int4pack_mm
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
@@ -360,11 +362,33 @@ def _w4a16_cpu(m: "W4A16Linear"):
     return _W4A16Int4Pack(m, cuda=False) if name == "int4pack" else _W4A16Avx2(m, name)
 
 
+class _W4A16Dequantized:
+    """The dequantized float32 weight and ``F.linear``: for shapes the int4 kernels do not take."""
+
+    def __init__(self, m: "W4A16Linear"):
+        self.weight, self.bias = m.dequantized_weight(), m.bias
+
+    def __call__(self, x: Tensor) -> Tensor:  # (M, K) float32 -> (M, N) float32
+        return F.linear(x, self.weight, None if self.bias is None else self.bias.float())
+
+
+def _w4a16_cuda(m: "W4A16Linear"):
+    """tinygemm (``_weight_int4pack_mm``) takes N in tiles of 8 and K in tiles of 32."""
+    if m.out_features % 8 == 0 and m.in_features % 32 == 0:
+        return _W4A16Int4Pack(m, cuda=True)
+    note = (f"w4a16 {m.in_features} -> {m.out_features} on CUDA: torch's int4 kernel needs out_features % 8 == 0 "
+            "and in_features % 32 == 0; using the dequantized weight")
+    if note not in _logged:
+        _logged.add(note)
+        logger.info(note)
+    return _W4A16Dequantized(m)
+
+
 KERNELS = {
     ("w8a8", "cpu"): _W8A8Cpu,
     ("w8a8", "cuda"): _W8A8Cuda,
     ("w4a16", "cpu"): _w4a16_cpu,
-    ("w4a16", "cuda"): lambda m: _W4A16Int4Pack(m, cuda=True),
+    ("w4a16", "cuda"): _w4a16_cuda,
 }
 
 

@@ -83,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     eng.add_argument("--prefix-cache-mib", type=float, default=512.0, metavar="MIB",
                      help="memory for the KV of finished requests, reused by requests that start the same way "
                           "(follow-up turns, shared system prompts); 0 turns it off (default: %(default)s)")
+    eng.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                     help="on CUDA, launch each decode step's kernels one by one instead of replaying CUDA graphs")
     eng.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch")
     eng.add_argument("--dtype", choices=DTYPES, default="float32", help="weights dtype (default: %(default)s)")
     eng.add_argument("--device", metavar="DEV", help="torch device (default: cuda if available, else cpu)")
@@ -108,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
                           max_media=args.max_media, max_video_frames=args.max_video_frames or ckpt_frames)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     config = EngineConfig(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, threads=args.threads,
-                          vision_cache_size=args.vision_cache_size, prefix_cache_mib=args.prefix_cache_mib)
+                          vision_cache_size=args.vision_cache_size, prefix_cache_mib=args.prefix_cache_mib,
+                          cuda_graphs=args.cuda_graphs)
     engine = Engine.from_pretrained(args.model, dtype=getattr(torch, args.dtype), device=device, config=config,
                                     max_pixels=args.max_pixels)
     try:
