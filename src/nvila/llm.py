@@ -313,7 +313,8 @@ class DecodeGraphs:
     fixed shapes, so attention reads a key span that is a power of two (at least ``MIN_SPAN``,
     at most the cache) and masks the keys past each row's position: the same result as the eager
     step up to the order of float sums. Inputs are copied into the graph's own tensors; the logits
-    returned are a copy (the next replay overwrites the graph's). All graphs share one memory pool.
+    returned are a copy (the next replay overwrites the graph's). All graphs share one memory pool,
+    and all are dropped when the cache is reallocated (``KVCache.grow``).
     Capture runs the step once first (lazy kernel setup must not happen during capture): with the
     real inputs, so the keys and values it writes are the ones the step writes.
     """
@@ -324,11 +325,15 @@ class DecodeGraphs:
         self.runner = runner
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
+        self.cache_at = runner.cache.k.data_ptr()  # graphs read the cache where it was at capture
 
     def span(self, length: int) -> int:
         return min(max(self.MIN_SPAN, 1 << (length - 1).bit_length()), self.runner.cache.max_len)
 
     def run(self, tokens: torch.Tensor, positions: list[int], length: int) -> torch.Tensor:
+        if self.runner.cache.k.data_ptr() != self.cache_at:  # KVCache.grow reallocated: capture again
+            self.graphs.clear()
+            self.pool, self.cache_at = None, self.runner.cache.k.data_ptr()
         key = (tokens.shape[0], self.span(length))
         pos = torch.tensor(positions)
         if key not in self.graphs:

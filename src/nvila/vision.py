@@ -39,15 +39,28 @@ __all__ = [
 ]
 
 
+def _block(flat: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """A contiguous ``shape`` view of the start of the 1-D buffer ``flat``."""
+    return flat[:math.prod(shape)].view(shape)
+
+
 def eager_attention_chunked(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                             attention_mask: Tensor | None, scaling: float, dropout: float = 0.0,
                             chunk: int = 128, **kwargs) -> tuple[Tensor, None]:
     """transformers' eager attention math (``softmax(q k^T * scale) v``, softmax in float32), one
     block of ``chunk`` query rows at a time.
 
-    Bit-identical to the eager function the reference ran with, but the (B, H, chunk, L) score block
-    stays in cache: measured ~12% faster on a so400m tile and ~8x less peak memory. (SDPA's fused
-    kernel is faster still, but its different summation order moves the golden logits past 1e-4.)
+    Bit-identical to the eager function the reference ran with: the same products, scaling, mask
+    addition and softmax, element for element. What differs is where they are written:
+
+    * the (·, H, chunk, L) score block stays in cache (~8x less peak memory than whole rows);
+    * in float32 the score, probability and output blocks are allocated once per call and reused,
+      and on the CPU a call goes one image (tile) at a time. Allocating a fresh score block per
+      chunk for a batch of tiles (42 MB at 5 so400m tiles) went through mmap and page faults every
+      time: 2.8x slower per layer (439 against 156 ms, 5 tiles at 2 threads, RESULTS.md issue 23).
+
+    (SDPA's fused kernel is faster still, but its different summation order moves the golden
+    logits past 1e-4.)
 
     Args:
         query, key, value: (B, H, L, D).
@@ -57,16 +70,39 @@ def eager_attention_chunked(module: nn.Module, query: Tensor, key: Tensor, value
     """
     if dropout and module.training:
         raise ValueError("attention dropout is not supported by the chunked eager attention")
-    keys_t = key.transpose(-1, -2)  # (B, H, D, L)
-    out = torch.empty_like(query)
-    for start in range(0, query.shape[2], chunk):
-        rows = slice(start, start + chunk)
-        weights = torch.matmul(query[:, :, rows], keys_t) * scaling  # (B, H, chunk, L)
+    b, heads, length, _ = query.shape
+    step = 1 if query.device.type == "cpu" else b  # images per block: the CPU's blocks stay small
+    result = query.new_empty(b, length, heads, value.shape[-1])  # (B, L, H, D)
+    out = result.transpose(1, 2)  # (B, H, L, D) view of it
+    in_place = query.dtype == torch.float32 and (attention_mask is None or attention_mask.dtype == torch.float32)
+    if in_place:  # flat buffers: every block taken from them is contiguous, as a fresh tensor is
+        rows_max = min(chunk, length)
+        scores = query.new_empty(step * heads * rows_max * key.shape[2])
+        probs = torch.empty_like(scores)
+        block = query.new_empty(step * heads * rows_max * value.shape[-1])
+    for first in range(0, b, step):
+        images = slice(first, first + step)
+        keys_t = key[images].transpose(-1, -2)  # (step, H, D, L)
+        mask = None
         if attention_mask is not None:
-            weights = weights + attention_mask[..., rows, :]
-        weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-        out[:, :, rows] = torch.matmul(weights, value)
-    return out.transpose(1, 2).contiguous(), None
+            mask = attention_mask[images] if attention_mask.shape[0] > 1 else attention_mask
+        for start in range(0, length, chunk):
+            rows = slice(start, start + chunk)
+            if in_place:
+                shape = (min(step, b - first), heads, min(chunk, length - start), key.shape[2])
+                weights = torch.matmul(query[images, :, rows], keys_t, out=_block(scores, shape))
+                weights.mul_(scaling)
+                if mask is not None:
+                    weights.add_(mask[..., rows, :])
+                weights = torch.ops.aten._softmax.out(weights, -1, False, out=_block(probs, shape))
+                out[images, :, rows] = torch.matmul(weights, value[images], out=_block(block, shape[:3] + value.shape[-1:]))
+                continue
+            weights = torch.matmul(query[images, :, rows], keys_t) * scaling  # (step, H, chunk, L)
+            if mask is not None:
+                weights = weights + mask[..., rows, :]
+            weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+            out[images, :, rows] = torch.matmul(weights, value[images])
+    return result, None
 
 
 AttentionInterface.register(VISION_ATTENTION, eager_attention_chunked)

@@ -73,6 +73,32 @@ def test_chunked_eager_attention_matches_eager_with_mask_and_ragged_chunks():
     assert torch.allclose(ours, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_attention_with_reused_buffers_is_bitwise_the_per_chunk_expression(dtype):
+    """The float32 path writes into buffers reused across chunks and, on the CPU, goes one image at
+    a time; every element must still be what the plain per-chunk expression gives (the form that
+    is bitwise the reference's eager attention), for ragged chunks, per-image and shared masks."""
+    def plain(q, k, v, mask, scaling, chunk):
+        out = torch.empty_like(q)
+        for start in range(0, q.shape[2], chunk):
+            rows = slice(start, start + chunk)
+            w = torch.matmul(q[:, :, rows], k.transpose(-1, -2)) * scaling
+            if mask is not None:
+                w = w + mask[..., rows, :]
+            out[:, :, rows] = torch.matmul(torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        return out.transpose(1, 2).contiguous()
+
+    torch.manual_seed(2)
+    module = torch.nn.Module().eval()
+    q, k, v = (torch.randn(3, 4, 75, 16).to(dtype) for _ in range(3))
+    masks = [None, torch.randn(3, 1, 75, 75), torch.randn(1, 1, 75, 75).to(dtype)]
+    for mask in masks:
+        for chunk in (16, 32, 128):
+            ours, _ = eager_attention_chunked(module, q, k, v, mask, 0.25, chunk=chunk)
+            assert ours.is_contiguous() and ours.shape == (3, 75, 4, 16)
+            assert torch.equal(ours, plain(q, k, v, mask, 0.25, chunk)), (mask is None, chunk)
+
+
 @pytest.mark.parametrize("select_layer", [-2, -1, 0, 1, -4])
 def test_forward_matches_hidden_states(select_layer):
     torch.manual_seed(0)
