@@ -27,8 +27,9 @@ runs):
   through the engine, against transformers' Qwen2-VL-2B shape on the same image and prompt
   (benchmarks/bench_engine.py builds both), in bf16 on CUDA (float32 on CPU); our decode with CUDA
   graphs (the engine's default on CUDA) and eager; TTFT split into submit -> prefill start
-  (preprocessing), encode + prefill, and the rest. ``--profile FILE`` adds torch.profiler tables of
-  one prompt through ``model.generate``.
+  (preprocessing), encode + prefill, and the rest. On CUDA also two choices still open, measured:
+  TTFT without SDPA's cuDNN backend, and the tower's chunked eager attention against SDPA.
+  ``--profile FILE`` adds torch.profiler tables of one prompt through ``model.generate``.
 
 The script needs the repository (tests/ and benchmarks/ hold the assets and model builders).
 """
@@ -220,6 +221,46 @@ def profile_ttft(model, processor, messages, device: torch.device, path: Path) -
                     + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
+def candidates(t: Table, model, processor, messages, device: torch.device, ttft, pairs: int) -> None:
+    """Measurements for choices not yet made on CUDA (reported, no verdict): the TTFT with SDPA's
+    cuDNN backend left out (call 2 of RESULTS.md's H200 check found it 1.8 ms of host time a call),
+    and the vision tower with our bitwise-eager chunked attention against torch's SDPA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    plain = statistics.median(ttft() for _ in range(pairs))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        ttft()  # warm-up of the other kernels
+        no_cudnn = statistics.median(ttft() for _ in range(pairs))
+    t.add("speed", "TTFT: SDPA as torch picks / without cuDNN attention", f"{plain:.3f} s / {no_cudnn:.3f} s")
+    inputs, _ = processor.prepare([messages], add_generation_prompt=True)
+    pixels = inputs["pixel_values"].to(device, model.vision_tower.dtype)
+    layers = model.vision_tower.vision_model.encoder.layers
+    impl = layers[0].self_attn.config._attn_implementation
+
+    def tower_s() -> float:
+        with torch.inference_mode():
+            model.vision_tower(pixels)
+            times = []
+            for _ in range(max(pairs, 3)):
+                sync(device)
+                t0 = time.perf_counter()
+                model.vision_tower(pixels)
+                sync(device)
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    try:
+        ours = tower_s()
+        for layer in layers:
+            layer.self_attn.config._attn_implementation = "sdpa"
+        theirs = tower_s()
+    finally:
+        for layer in layers:
+            layer.self_attn.config._attn_implementation = impl
+    t.add("speed", f"vision tower, {pixels.shape[0]} tiles: chunked eager / SDPA attention",
+          f"{ours * 1e3:.1f} / {theirs * 1e3:.1f} ms")
+
+
 def check_speed(t: Table, device: torch.device, quick: bool, profile_path: Path | None = None) -> None:
     import bench_engine as B
 
@@ -272,6 +313,8 @@ def check_speed(t: Table, device: torch.device, quick: bool, profile_path: Path 
         graphs = "CUDA graphs" if device.type == "cuda" else "eager"
         t.add("speed", f"decode tok/s batch 1, NVILA-Lite-2B ({graphs}) / Qwen2-VL-2B", f"{med[0][1]:.1f} / {med[1][1]:.1f}")
         t.add("speed", "decode tok/s batch 1, NVILA-Lite-2B eager", f"{med[2][1]:.1f}")
+        if device.type == "cuda":
+            candidates(t, model, processor, messages, device, lambda: ours_run(engine)[0], pairs)
         if profile_path is not None:
             profile_ttft(model, processor, messages, device, profile_path)
     finally:

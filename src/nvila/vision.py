@@ -54,10 +54,11 @@ def eager_attention_chunked(module: nn.Module, query: Tensor, key: Tensor, value
     addition and softmax, element for element. What differs is where they are written:
 
     * the (·, H, chunk, L) score block stays in cache (~8x less peak memory than whole rows);
-    * in float32 the score, probability and output blocks are allocated once per call and reused,
-      and on the CPU a call goes one image (tile) at a time. Allocating a fresh score block per
-      chunk for a batch of tiles (42 MB at 5 so400m tiles) went through mmap and page faults every
-      time: 2.8x slower per layer (439 against 156 ms, 5 tiles at 2 threads, RESULTS.md issue 23).
+    * in float32 without autograd, the score, probability and output blocks are allocated once per
+      call and reused, and on the CPU a call goes one image (tile) at a time. A fresh score block
+      per chunk for a batch of tiles (42 MB at 5 so400m tiles) went through mmap and page faults
+      every time: 2.1x slower per layer (309 against 145 ms, 5 tiles at 2 threads, RESULTS.md
+      issue 23).
 
     (SDPA's fused kernel is faster still, but its different summation order moves the golden
     logits past 1e-4.)
@@ -74,7 +75,8 @@ def eager_attention_chunked(module: nn.Module, query: Tensor, key: Tensor, value
     step = 1 if query.device.type == "cpu" else b  # images per block: the CPU's blocks stay small
     result = query.new_empty(b, length, heads, value.shape[-1])  # (B, L, H, D)
     out = result.transpose(1, 2)  # (B, H, L, D) view of it
-    in_place = query.dtype == torch.float32 and (attention_mask is None or attention_mask.dtype == torch.float32)
+    in_place = (query.dtype == torch.float32 and (attention_mask is None or attention_mask.dtype == torch.float32)
+                and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)))
     if in_place:  # flat buffers: every block taken from them is contiguous, as a fresh tensor is
         rows_max = min(chunk, length)
         scores = query.new_empty(step * heads * rows_max * key.shape[2])

@@ -97,6 +97,10 @@ def test_chunked_attention_with_reused_buffers_is_bitwise_the_per_chunk_expressi
             ours, _ = eager_attention_chunked(module, q, k, v, mask, 0.25, chunk=chunk)
             assert ours.is_contiguous() and ours.shape == (3, 75, 4, 16)
             assert torch.equal(ours, plain(q, k, v, mask, 0.25, chunk)), (mask is None, chunk)
+    q.requires_grad_()  # training (the LayerNorm-only ViT recipe): the autograd path, same values
+    ours, _ = eager_attention_chunked(module, q, k, v, masks[1], 0.25, chunk=32)
+    ours.float().sum().backward()
+    assert torch.equal(ours.detach(), plain(q.detach(), k, v, masks[1], 0.25, 32)) and q.grad is not None
 
 
 @pytest.mark.parametrize("select_layer", [-2, -1, 0, 1, -4])
