@@ -56,9 +56,9 @@ def eager_attention_chunked(module: nn.Module, query: Tensor, key: Tensor, value
     * the (·, H, chunk, L) score block stays in cache (~8x less peak memory than whole rows);
     * in float32 without autograd, the score, probability and output blocks are allocated once per
       call and reused, and on the CPU a call goes one image (tile) at a time. A fresh score block
-      per chunk for a batch of tiles (42 MB at 5 so400m tiles) went through mmap and page faults
-      every time: 2.1x slower per layer (309 against 145 ms, 5 tiles at 2 threads, RESULTS.md
-      issue 23).
+      per chunk for a batch of tiles (42 MB at 5 so400m tiles) can go through mmap and page faults
+      every time: the whole tower on the caller's thread took 26-29 s against 19-20 s for 5 tiles
+      at 2 threads (the engine's scheduler thread was as fast either way; RESULTS.md issue 23).
 
     (SDPA's fused kernel is faster still, but its different summation order moves the golden
     logits past 1e-4.)
