@@ -311,7 +311,8 @@ def check_speed(t: Table, device: torch.device, quick: bool, profile_path: Path 
         t.add("speed", "TTFT parts: submit->prefill / encode+prefill / rest",
               f"{med[0][2]:.3f} / {med[0][3]:.3f} / {med[0][0] - med[0][2] - med[0][3]:.3f} s")
         graphs = "CUDA graphs" if device.type == "cuda" else "eager"
-        t.add("speed", f"decode tok/s batch 1, NVILA-Lite-2B ({graphs}) / Qwen2-VL-2B", f"{med[0][1]:.1f} / {med[1][1]:.1f}")
+        t.add("speed", f"decode tok/s batch 1, NVILA-Lite-2B ({graphs}) / Qwen2-VL-2B",
+              f"{med[0][1]:.1f} / {med[1][1]:.1f}")
         t.add("speed", "decode tok/s batch 1, NVILA-Lite-2B eager", f"{med[2][1]:.1f}")
         if device.type == "cuda":
             candidates(t, model, processor, messages, device, lambda: ours_run(engine)[0], pairs)

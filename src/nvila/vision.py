@@ -97,7 +97,8 @@ def eager_attention_chunked(module: nn.Module, query: Tensor, key: Tensor, value
                 if mask is not None:
                     weights.add_(mask[..., rows, :])
                 weights = torch.ops.aten._softmax.out(weights, -1, False, out=_block(probs, shape))
-                out[images, :, rows] = torch.matmul(weights, value[images], out=_block(block, shape[:3] + value.shape[-1:]))
+                block_shape = shape[:3] + value.shape[-1:]
+                out[images, :, rows] = torch.matmul(weights, value[images], out=_block(block, block_shape))
                 continue
             weights = torch.matmul(query[images, :, rows], keys_t) * scaling  # (step, H, chunk, L)
             if mask is not None:
