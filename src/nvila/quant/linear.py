@@ -127,7 +127,14 @@ def pick_group_size(in_features: int, preferred: int = 128) -> int:
 
 
 # ------------------------------------------------------------------------------------------ kernels
-_logged: set[tuple] = set()  # (request, choice) pairs already logged once
+_logged: set = set()  # keys of the kernel choices already logged
+
+
+def _info_once(key, message: str) -> None:
+    """Log ``message`` at INFO the first time ``key`` is seen: kernels are chosen per module."""
+    if key not in _logged:
+        _logged.add(key)
+        logger.info(message)
 W8A8_CPU_KERNELS = ("avx2", "avx512-vnni", "fbgemm", "onednn")
 _W8A8_GEMVS = ("avx2", "avx512-vnni")  # nvila's own (cpu_kernels.cpp); the others are torch's quantized engines
 
@@ -171,10 +178,8 @@ def w8a8_cpu_kernel_names() -> tuple[str, str, str]:
         names = tuple("avx2" if n == "avx512-vnni" else n for n in names)
     if "avx2" in names and not cpu_kernels.cpu_supports_avx2():
         names = _without_gemv(names)
-    if (requested, names) not in _logged:
-        _logged.add((requested, names))
-        logger.info("w8a8 on the CPU runs %s", names[0] if len(set(names)) == 1 else
-                    f"{names[0]} at 1 row, {names[1]} at 2-3 rows and {names[2]} from 4 rows")
+    _info_once((requested, names), "w8a8 on the CPU runs " + (names[0] if len(set(names)) == 1 else
+               f"{names[0]} at 1 row, {names[1]} at 2-3 rows and {names[2]} from 4 rows"))
     return names
 
 
@@ -268,17 +273,18 @@ class _W4A16Int4Pack:
     """
 
     def __init__(self, m: "W4A16Linear", cuda: bool):
-        codes = unpack_nibbles(m.qweight).to(torch.int32)  # (N, K)
         scales, zeros = m.scales.float(), m.zeros.float()
         sz = torch.stack([scales.t(), ((8.0 - zeros) * scales).t()], dim=-1)  # (G, N, 2)
         self.scales_zeros = sz.to(torch.bfloat16).contiguous()
         self.group_size = m.group_size
-        if cuda:  # tinygemm takes (N, K/2) uint8, the even column in the high nibble, K in tiles of 16 x inner
-            pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()
-            inner = next(t for t in (8, 4, 2) if codes.shape[1] % (16 * t) == 0)
+        if cuda:  # tinygemm takes (N, K/2) uint8 with the even column in the high nibble (ours: the low
+            # one), K in tiles of 16 x inner
+            pairs = ((m.qweight << 4) | (m.qweight >> 4)).contiguous()
+            inner = next(t for t in (8, 4, 2) if m.in_features % (16 * t) == 0)
             self.packed = torch.ops.aten._convert_weight_to_int4pack(pairs, inner)
             self.mm = torch.ops.aten._weight_int4pack_mm
         else:
+            codes = unpack_nibbles(m.qweight).to(torch.int32)  # (N, K)
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
             self.mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         self.bias = m.bias
@@ -351,9 +357,8 @@ def w4a16_cpu_kernel_name(group_size: int) -> str:
         note = f"{fallback or ''}w4a16 on the CPU runs the {name} kernel"
     else:
         name, note = "int4pack", None  # load_cpu_kernels logged why, once
-    if note is not None and (requested, note) not in _logged:
-        _logged.add((requested, note))
-        logger.info(note)
+    if note is not None:
+        _info_once((requested, note), note)
     return name
 
 
@@ -378,9 +383,7 @@ def _w4a16_cuda(m: "W4A16Linear"):
         return _W4A16Int4Pack(m, cuda=True)
     note = (f"w4a16 {m.in_features} -> {m.out_features} on CUDA: torch's int4 kernel needs out_features % 8 == 0 "
             "and in_features % 32 == 0; using the dequantized weight")
-    if note not in _logged:
-        _logged.add(note)
-        logger.info(note)
+    _info_once(note, note)
     return _W4A16Dequantized(m)
 
 
