@@ -264,14 +264,15 @@ def candidates(t: Table, model, processor, messages, device: torch.device, ttft,
 def check_speed(t: Table, device: torch.device, quick: bool, profile_path: Path | None = None) -> None:
     import bench_engine as B
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cuda = device.type == "cuda"  # elsewhere the engine decodes eagerly already: no second engine
+    dtype = torch.bfloat16 if cuda else torch.float32
     new_tokens, pairs = (8, 1) if quick else (64, 3)
     model, processor, engine = B.build_nvila_lite_2b(None)
     engine.shutdown()
     model = model.to(device=device, dtype=dtype)
     config = EngineConfig(max_batch_size=1, max_seq_len=2048, vision_cache_size=0, prefix_cache_mib=0)
     engine = Engine(model.eval(), processor, config)
-    eager = Engine(model, processor, EngineConfig(**{**config.__dict__, "cuda_graphs": False}))
+    eager = Engine(model, processor, EngineConfig(**{**config.__dict__, "cuda_graphs": False})) if cuda else None
     image = B.test_image(896)
     messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": B.PROMPT}]}]
     qwen = B.build_qwen2vl_2b().to(device=device, dtype=dtype)
@@ -295,32 +296,35 @@ def check_speed(t: Table, device: torch.device, quick: bool, profile_path: Path 
         return m.ttft_s, m.decode_tokens_per_s, m.queue_s, m.prefill_s
 
     try:
-        ours_run(engine), ours_run(eager), qwen_run()  # warm-up: kernels, allocator, decode graphs
+        ours_run(engine), qwen_run()  # warm-up: kernels, allocator, decode graphs
+        if cuda:
+            ours_run(eager)
         ours, theirs, plain = [], [], []
         for _ in range(pairs):
             sync(device)
             ours.append(ours_run(engine))
             sync(device)
             theirs.append(qwen_run())
-            sync(device)
-            plain.append(ours_run(eager))
-        med = [[statistics.median(r[i] for r in rs) for i in range(len(rs[0]))] for rs in (ours, theirs, plain)]
+            if cuda:
+                sync(device)
+                plain.append(ours_run(eager))
+        med = [[statistics.median(r[i] for r in rs) for i in range(len(rs[0]))] for rs in (ours, theirs, plain) if rs]
         label = str(dtype).removeprefix("torch.")
         t.add("speed", f"TTFT 896x896, NVILA-Lite-2B ({label}) / Qwen2-VL-2B", f"{med[0][0]:.3f} s / {med[1][0]:.3f} s")
         t.add("speed", "TTFT ratio (Qwen2-VL / ours)", f"{med[1][0] / med[0][0]:.2f}x")
         t.add("speed", "TTFT parts: submit->prefill / encode+prefill / rest",
               f"{med[0][2]:.3f} / {med[0][3]:.3f} / {med[0][0] - med[0][2] - med[0][3]:.3f} s")
-        graphs = "CUDA graphs" if device.type == "cuda" else "eager"
-        t.add("speed", f"decode tok/s batch 1, NVILA-Lite-2B ({graphs}) / Qwen2-VL-2B",
+        t.add("speed", f"decode tok/s batch 1, NVILA-Lite-2B ({'CUDA graphs' if cuda else 'eager'}) / Qwen2-VL-2B",
               f"{med[0][1]:.1f} / {med[1][1]:.1f}")
-        t.add("speed", "decode tok/s batch 1, NVILA-Lite-2B eager", f"{med[2][1]:.1f}")
-        if device.type == "cuda":
+        if cuda:
+            t.add("speed", "decode tok/s batch 1, NVILA-Lite-2B eager", f"{med[2][1]:.1f}")
             candidates(t, model, processor, messages, device, lambda: ours_run(engine)[0], pairs)
         if profile_path is not None:
             profile_ttft(model, processor, messages, device, profile_path)
     finally:
         engine.shutdown()
-        eager.shutdown()
+        if eager is not None:
+            eager.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------ main
