@@ -27,8 +27,8 @@ runs):
   through the engine, against transformers' Qwen2-VL-2B shape on the same image and prompt
   (benchmarks/bench_engine.py builds both), in bf16 on CUDA (float32 on CPU); our decode with CUDA
   graphs (the engine's default on CUDA) and eager; TTFT split into submit -> prefill start
-  (preprocessing), encode + prefill, and the rest. On CUDA also two choices still open, measured:
-  TTFT without SDPA's cuDNN backend, and the tower's chunked eager attention against SDPA.
+  (preprocessing), encode + prefill, and the rest; and TTFT when each prompt has a length not
+  seen before (kernels that plan per shape, such as cuDNN's attention, pay then).
   ``--profile FILE`` adds torch.profiler tables of one prompt through ``model.generate``.
 
 The script needs the repository (tests/ and benchmarks/ hold the assets and model builders).
@@ -221,46 +221,6 @@ def profile_ttft(model, processor, messages, device: torch.device, path: Path) -
                     + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
-def candidates(t: Table, model, processor, messages, device: torch.device, ttft, pairs: int) -> None:
-    """Measurements for choices not yet made on CUDA (reported, no verdict): the TTFT with SDPA's
-    cuDNN backend left out (call 2 of RESULTS.md's H200 check found it 1.8 ms of host time a call),
-    and the vision tower with our bitwise-eager chunked attention against torch's SDPA."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    plain = statistics.median(ttft() for _ in range(pairs))
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
-        ttft()  # warm-up of the other kernels
-        no_cudnn = statistics.median(ttft() for _ in range(pairs))
-    t.add("speed", "TTFT: SDPA as torch picks / without cuDNN attention", f"{plain:.3f} s / {no_cudnn:.3f} s")
-    inputs, _ = processor.prepare([messages], add_generation_prompt=True)
-    pixels = inputs["pixel_values"].to(device, model.vision_tower.dtype)
-    layers = model.vision_tower.vision_model.encoder.layers
-    impl = layers[0].self_attn.config._attn_implementation
-
-    def tower_s() -> float:
-        with torch.inference_mode():
-            model.vision_tower(pixels)
-            times = []
-            for _ in range(max(pairs, 3)):
-                sync(device)
-                t0 = time.perf_counter()
-                model.vision_tower(pixels)
-                sync(device)
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    try:
-        ours = tower_s()
-        for layer in layers:
-            layer.self_attn.config._attn_implementation = "sdpa"
-        theirs = tower_s()
-    finally:
-        for layer in layers:
-            layer.self_attn.config._attn_implementation = impl
-    t.add("speed", f"vision tower, {pixels.shape[0]} tiles: chunked eager / SDPA attention",
-          f"{ours * 1e3:.1f} / {theirs * 1e3:.1f} ms")
-
-
 def check_speed(t: Table, device: torch.device, quick: bool, profile_path: Path | None = None) -> None:
     import bench_engine as B
 
@@ -274,13 +234,12 @@ def check_speed(t: Table, device: torch.device, quick: bool, profile_path: Path 
     engine = Engine(model.eval(), processor, config)
     eager = Engine(model, processor, EngineConfig(**{**config.__dict__, "cuda_graphs": False})) if cuda else None
     image = B.test_image(896)
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": B.PROMPT}]}]
     qwen = B.build_qwen2vl_2b().to(device=device, dtype=dtype)
     prompt_ids = processor.tokenizer(B.PROMPT)["input_ids"]
 
-    def qwen_run():
+    def qwen_run(prompt: list[int] = prompt_ids):
         t0 = time.perf_counter()
-        pixels, grid, ids = B.qwen2vl_inputs(image, prompt_ids)
+        pixels, grid, ids = B.qwen2vl_inputs(image, prompt)
         clock = B.StepClock()
         with torch.inference_mode():
             qwen.generate(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
@@ -289,8 +248,9 @@ def check_speed(t: Table, device: torch.device, quick: bool, profile_path: Path 
                           pad_token_id=0)
         return clock.times[0] - t0, B._decode_rate(clock.times)
 
-    def ours_run(e: Engine):  # (TTFT, decode tok/s, submit -> prefill start, encode + prefill)
-        h = e.submit(GenerationRequest(messages=messages, max_tokens=new_tokens, ignore_eos=True))
+    def ours_run(e: Engine, text: str = B.PROMPT):  # (TTFT, decode tok/s, submit -> prefill start, encode + prefill)
+        msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+        h = e.submit(GenerationRequest(messages=msgs, max_tokens=new_tokens, ignore_eos=True))
         h.text()
         m = h.metrics
         return m.ttft_s, m.decode_tokens_per_s, m.queue_s, m.prefill_s
@@ -318,8 +278,15 @@ def check_speed(t: Table, device: torch.device, quick: bool, profile_path: Path 
               f"{med[0][1]:.1f} / {med[1][1]:.1f}")
         if cuda:
             t.add("speed", "decode tok/s batch 1, NVILA-Lite-2B eager", f"{med[2][1]:.1f}")
-            candidates(t, model, processor, messages, device, lambda: ours_run(engine)[0], pairs)
+        # a prompt of a length not seen before each time: kernels that plan per shape pay here
+        texts = [f"{B.PROMPT} {' '.join(['and'] * (i + 1))}" for i in range(2 * pairs)]
+        fresh = [(ours_run(engine, texts[2 * i])[0], qwen_run(processor.tokenizer(texts[2 * i + 1])["input_ids"])[0])
+                 for i in range(pairs)]
+        t.add("speed", "TTFT, a new prompt length each run: ours / Qwen2-VL-2B",
+              " / ".join(f"{statistics.median(r[i] for r in fresh):.3f} s" for i in range(2)))
         if profile_path is not None:
+            messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                     {"type": "text", "text": B.PROMPT}]}]
             profile_ttft(model, processor, messages, device, profile_path)
     finally:
         engine.shutdown()

@@ -18,11 +18,13 @@ Two ways to run it:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
@@ -159,6 +161,20 @@ def decode_attention(name: str, device: torch.device) -> str:
     return name
 
 
+# The SDPA backends of the prefill on CUDA: all but cuDNN's, which builds a plan for every new shape.
+# On an H200 a prompt of a length not seen before took 0.170 s to its first token with cuDNN and
+# 0.100 s without (one 896x896 image, NVILA-Lite-2B shape, bf16; RESULTS.md, issue 23). Decode keeps
+# torch's choice: its CUDA graphs plan once per capture, and there cuDNN decoded 254 tok/s against
+# 182 without.
+CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa_backends(device: torch.device):
+    """``CUDA_SDPA_BACKENDS`` on CUDA, torch's own choice elsewhere. ``sdpa_kernel`` sets flags of the
+    process for its duration: SDPA calls made meanwhile by other threads also leave cuDNN out."""
+    return sdpa_kernel(CUDA_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
+
+
 CONTINUATION_ROWS = 64  # a prefill after a reused prefix with at most this many tokens may run oneDNN
 
 
@@ -188,7 +204,8 @@ class Runner:
     * ``decode(tokens, positions)``: one new token for each of the first B slots at its position.
 
     ``cuda_graphs`` (CUDA only): decode steps replay CUDA graphs (``DecodeGraphs``) instead of
-    launching each layer's kernels from Python.
+    launching each layer's kernels from Python. On CUDA the prefill runs SDPA without its cuDNN
+    backend (``CUDA_SDPA_BACKENDS``).
     """
 
     def __init__(self, llm: nn.Module, slots: int, max_len: int, *, attention: str = "auto",
@@ -231,7 +248,8 @@ class Runner:
                 self.onednn_continuations = False
                 logger.warning("oneDNN's linear failed (%s); prefill continuations use the modules' linears",
                                str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
-        return self._prefill(slot, embeds, start, _call)
+        with _sdpa_backends(embeds.device):
+            return self._prefill(slot, embeds, start, _call)
 
     def _prefill(self, slot: int, embeds: torch.Tensor, start: int, linear) -> torch.Tensor:
         model = self.llm.model

@@ -240,6 +240,21 @@ def test_a_failing_decode_graph_falls_back_to_eager_with_one_warning(nvila, capl
     torch.testing.assert_close(again, expected.decode(torch.tensor([5]), [11]), rtol=0, atol=0)
 
 
+def test_prefill_leaves_cudnn_attention_out_on_cuda_only():
+    """cuDNN's SDPA builds a plan per new shape (70 ms of TTFT per new prompt length on an H200):
+    the prefill runs without it on CUDA, restores the flags after, and leaves the CPU as torch has it."""
+    from nvila import llm as llm_module
+
+    flags = torch.backends.cuda
+    before = (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled())
+    with llm_module._sdpa_backends(torch.device("cuda")):
+        assert (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled()) == (
+            False, True, True)
+    with llm_module._sdpa_backends(torch.device("cpu")):
+        assert (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled()) == before
+    assert (flags.cudnn_sdp_enabled(), flags.flash_sdp_enabled(), flags.mem_efficient_sdp_enabled()) == before
+
+
 def test_generate_logits_processors_and_a_growing_cache(nvila):
     """Per-row processors steer each row and ``accept`` ends it; decoding past the first cache
     allocation (256 new positions) grows the cache without changing the ids."""

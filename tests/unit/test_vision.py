@@ -61,6 +61,25 @@ def test_attention_is_bit_identical_to_eager_like_the_reference():
     assert torch.equal(ours, eager)
 
 
+def test_vision_attention_is_chunked_eager_on_cpu_and_sdpa_elsewhere(monkeypatch):
+    import nvila.vision as V
+
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 19, 8) for _ in range(3))
+    module = torch.nn.Module().eval()
+    assert torch.equal(V.vision_attention(module, q, k, v, None, 0.35)[0],
+                       eager_attention_chunked(module, q, k, v, None, 0.35)[0])
+    calls = []
+
+    def sdpa(module, query, key, value, mask, dropout=0.0, scaling=None, **kwargs):
+        calls.append((query.device.type, scaling, dropout))
+        return query.transpose(1, 2), None
+
+    monkeypatch.setattr(V, "sdpa_attention_forward", sdpa)
+    out, _ = V.vision_attention(module, *(t.to("meta") for t in (q, k, v)), None, 0.35)
+    assert calls == [("meta", 0.35, 0.0)] and out.shape == (2, 19, 3, 8)
+
+
 def test_chunked_eager_attention_matches_eager_with_mask_and_ragged_chunks():
     from transformers.models.siglip.modeling_siglip import eager_attention_forward
 
