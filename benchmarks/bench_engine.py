@@ -5,7 +5,7 @@
     python benchmarks/bench_engine.py --parts cd # only some comparisons
 
 Models are NVILA-Lite-2B-shaped (SigLIP-so400m tower, Qwen2-1.5B LLM, vocab 151936) and
-Qwen2-VL-2B-shaped, with random weights, float32. Each comparison alternates the two sides
+Qwen2-VL-2B-shaped, with random weights, float32 (bf16 in e). Each comparison alternates the two sides
 (paired runs) and reports medians and the ratio ours / baseline:
 
 a. engine vs transformers ``generate()`` on the same NVILA model: TTFT and decode tokens/s (batch 1);
@@ -13,7 +13,9 @@ b. NVILA-Lite-2B engine vs transformers' Qwen2-VL-2B on the same 896x896 image a
    decode tokens/s (Qwen2-VL's time excludes its image preprocessing; ours includes the processor);
 c. aggregate decode tokens/s of the engine at 8 concurrent streams vs 1;
 d. engine decode tokens/s as a fraction of the bandwidth bound: measured copy bandwidth / LLM weight
-   bytes read per token.
+   bytes read per token;
+e. b in bf16 (both models), on CPUs with native bf16 matmuls (``amx_bf16`` or ``avx512_bf16``);
+   elsewhere bf16 is emulated, and the part prints that it does not run and why.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from common import copy_bandwidth_gbs, cpu_report
+from common import copy_bandwidth_gbs, cpu_model_and_flags, cpu_report
 from nvila import NVILAConfig, NVILAForConditionalGeneration, NVILAProcessor
 from nvila.checkpoint import token_ids
 from nvila.config import LLM_PRESETS, VisionConfig
@@ -149,14 +151,14 @@ def qwen2vl_inputs(image: Image.Image, prompt_ids: list[int]):
     return pixels, torch.tensor([[1, gh, gw]]), torch.tensor([ids])
 
 
-def run_qwen2vl(model, image, prompt_ids, new_tokens: int) -> tuple[float, float]:
+def run_qwen2vl(model, image, prompt_ids, new_tokens: int, dtype: torch.dtype = torch.float32) -> tuple[float, float]:
     t0 = time.perf_counter()
     pixels, grid, ids = qwen2vl_inputs(image, prompt_ids)
     clock = StepClock()
     with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, image_grid_thw=grid,
-                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock,
-                       pad_token_id=0)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels.to(dtype),
+                       image_grid_thw=grid, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       streamer=clock, pad_token_id=0)
     return clock.times[0] - t0, _decode_rate(clock.times)
 
 
@@ -194,7 +196,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--parts", default="abcd", help="which comparisons to run, e.g. 'cd' (default: abcd)")
+    ap.add_argument("--parts", default="abcde", help="which comparisons to run, e.g. 'cd' (default: abcde)")
     args = ap.parse_args()
     print(f"CPU: {cpu_report()}", flush=True)
     if args.quick:
@@ -219,20 +221,22 @@ def main() -> int:
                                     "engine_decode_tok_s": e_tps, "hf_decode_tok_s": h_tps,
                                     "decode_ratio": e_tps / h_tps})
 
-    if "b" in args.parts:
-        qwen = build_qwen2vl_2b()
+    def vs_qwen2vl(engine: Engine, dtype: torch.dtype) -> dict:
+        qwen = build_qwen2vl_2b().to(dtype)
         big = test_image(896)
         msgs = [{"role": "user", "content": [{"type": "image", "image": big}, {"type": "text", "text": PROMPT}]}]
         inputs, _ = processor.prepare([msgs])
         prompt_ids = [t for t in inputs["input_ids"][0].tolist() if t != model.ids.image]
         (n_ttft, n_tps), (q_ttft, q_tps) = paired(lambda: run_engine(engine, msgs, args.new_tokens),
-                                                  lambda: run_qwen2vl(qwen, big, prompt_ids, args.new_tokens),
+                                                  lambda: run_qwen2vl(qwen, big, prompt_ids, args.new_tokens, dtype),
                                                   args.pairs)
-        report("b_vs_qwen2vl", {"nvila_ttft_s": n_ttft, "qwen2vl_ttft_s": q_ttft, "ttft_speedup": q_ttft / n_ttft,
-                                "nvila_decode_tok_s": n_tps, "qwen2vl_decode_tok_s": q_tps,
-                                "decode_ratio": n_tps / q_tps, "nvila_prompt_tokens": inputs["input_ids"].shape[1],
-                                "qwen2vl_prompt_tokens": len(prompt_ids) + 1026})
-        del qwen
+        return {"dtype": str(dtype).removeprefix("torch."), "nvila_ttft_s": n_ttft, "qwen2vl_ttft_s": q_ttft,
+                "ttft_speedup": q_ttft / n_ttft, "nvila_decode_tok_s": n_tps, "qwen2vl_decode_tok_s": q_tps,
+                "decode_ratio": n_tps / q_tps, "nvila_prompt_tokens": inputs["input_ids"].shape[1],
+                "qwen2vl_prompt_tokens": len(prompt_ids) + 1026}
+
+    if "b" in args.parts:
+        report("b_vs_qwen2vl", vs_qwen2vl(engine, torch.float32))
 
     if "c" in args.parts:
         one = statistics.median(run_streams(engine, 1, args.new_tokens * 2) for _ in range(args.pairs))
@@ -248,6 +252,20 @@ def main() -> int:
         report("d_bandwidth", {"copy_gb_s": bw, "llm_weight_gb_per_token": weight_bytes / 1e9, "bound_tok_s": bound,
                                "engine_decode_tok_s": tps, "fraction_of_bound": tps / bound})
     engine.shutdown()
+
+    if "e" in args.parts:
+        native = sorted({"amx_bf16", "avx512_bf16"} & cpu_model_and_flags()[1])
+        if not native:
+            report("e_vs_qwen2vl_bf16", {"ran": False, "why": "no native bf16 matmul on this CPU (neither amx_bf16 "
+                                         "nor avx512_bf16): bf16 would be emulated, slower than float32"})
+        else:
+            model.to(torch.bfloat16)
+            engine = Engine(model, processor, EngineConfig(max_batch_size=8, max_seq_len=2048, threads=args.threads,
+                                                           vision_cache_size=0, prefix_cache_mib=0))
+            try:
+                report("e_vs_qwen2vl_bf16", {"ran": True, "native_bf16": native, **vs_qwen2vl(engine, torch.bfloat16)})
+            finally:
+                engine.shutdown()
     print(json.dumps(results, indent=2))
     return 0
 

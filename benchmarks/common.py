@@ -25,8 +25,8 @@ def copy_bandwidth_gbs(reps: int = 7) -> float:
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx_vnni", "avx512_vnni", "amx_bf16", "amx_int8")
 
 
-def cpu_report() -> str:
-    """The CPU model, CPU count and the ISA flags that pick kernels (``flag+`` present, ``flag-`` absent)."""
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and its ``/proc/cpuinfo`` flags (an empty set where there is no such file)."""
     model, flags = platform.processor() or "?", set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -37,6 +37,12 @@ def cpu_report() -> str:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return model, flags
+
+
+def cpu_report() -> str:
+    """The CPU model, CPU count and the ISA flags that pick kernels (``flag+`` present, ``flag-`` absent)."""
+    model, flags = cpu_model_and_flags()
     isa = " ".join(f"{f}{'+' if f in flags else '-'}" for f in ISA_FLAGS)
     return f"{model}, {os.cpu_count()} CPUs; {isa}"
 

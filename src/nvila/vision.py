@@ -62,8 +62,8 @@ def eager_attention_chunked(module: nn.Module, query: Tensor, key: Tensor, value
       every time: the whole tower on the caller's thread took 26-29 s against 19-20 s for 5 tiles
       at 2 threads (the engine's scheduler thread was as fast either way; RESULTS.md issue 23).
 
-    (SDPA's fused kernel is faster still, but on the CPU its different summation order moves the
-    golden logits past 1e-4; ``vision_attention`` runs it on other devices.)
+    (SDPA's fused kernel is faster still, but in float32 on the CPU its different summation order
+    moves the golden logits past 1e-4; ``vision_attention`` runs it everywhere else.)
 
     Args:
         query, key, value: (B, H, L, D).
@@ -113,16 +113,18 @@ def eager_attention_chunked(module: nn.Module, query: Tensor, key: Tensor, value
 def vision_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                      attention_mask: Tensor | None, scaling: float, dropout: float = 0.0,
                      **kwargs) -> tuple[Tensor, None]:
-    """The tower's attention (registered as ``VISION_ATTENTION``): on the CPU the chunked eager math,
-    bitwise the reference's; on other devices transformers' SDPA attention, a fused kernel as the
-    reference's hard-coded flash-attention 2 on GPUs (spec §2.2).
+    """The tower's attention (registered as ``VISION_ATTENTION``): in float32 on the CPU the chunked
+    eager math, bitwise the reference's, which keeps the golden logits within 1e-4; otherwise
+    transformers' SDPA attention, a fused kernel as the reference's hard-coded flash-attention 2 on
+    GPUs is (spec §2.2). Its summation order moves results by far less than bf16/fp16 rounding does.
 
-    On an H200 in bf16 SDPA ran the 5-tile tower of an 896x896 image in 10.8 ms against 45.4 ms for
-    the chunked eager math (which launches ~40 kernels a layer), and took the TTFT from 0.228 to
-    0.101 s. In float32 there it kept the golden logits within 1.11e-4, against 1.44e-4 for the
-    eager math (RESULTS.md, issue 23). Same arguments and result as ``eager_attention_chunked``.
+    Measured (RESULTS.md, issue 23), the 5-tile tower of an 896x896 image:
+    * H200, bf16: 10.8 ms against 45.4 ms for the chunked eager math, TTFT 0.101 against 0.228 s; in
+      float32 there SDPA kept the golden logits within 1.11e-4, against 1.44e-4 for the eager math;
+    * CPU (2 threads, AMX), bf16: 4.8 s against 7.7 s.
+    Same arguments and result as ``eager_attention_chunked``.
     """
-    if query.device.type == "cpu":
+    if query.device.type == "cpu" and query.dtype == torch.float32:
         return eager_attention_chunked(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   **kwargs)
@@ -133,7 +135,7 @@ AttentionInterface.register(VISION_ATTENTION, vision_attention)
 
 def to_siglip_config(config: VisionConfig) -> SiglipVisionConfig:
     """Our ``VisionConfig`` as a transformers ``SiglipVisionConfig`` (no pooling head; attention by
-    ``vision_attention``: on the CPU the eager math, as the reference was run there (spec §14): in
+    ``vision_attention``: in float32 on the CPU the eager math, as the reference was run (spec §14): in
     float32 it keeps the golden logits within 7.8e-5, where SDPA's fused kernel drifts to 1.2e-4 on
     the Lite case)."""
     return SiglipVisionConfig(

@@ -87,6 +87,28 @@ def test_each_request_in_a_batch_gets_what_it_gets_alone(engines, prefix_cache_m
         assert sum(h.metrics.cached_media for h in handles) == 2  # both images were encoded in the first round
 
 
+def test_batch_equals_alone_in_bfloat16_on_the_cpu(tiny_checkpoints):
+    """In bf16 the CPU's tower runs torch's SDPA (float32 keeps the chunked eager math): each request
+    of a batch still gets what it gets alone, its images encoded again in the batch (no cache)."""
+    path = tiny_checkpoints["nvila"]
+    model = NVILAForConditionalGeneration.from_pretrained(path, torch_dtype=torch.bfloat16)
+    engine = Engine(model, NVILAProcessor.from_pretrained(path),
+                    EngineConfig(max_batch_size=8, vision_cache_size=0, prefix_cache_mib=0))
+    try:
+        alone = []
+        for msgs in _requests():
+            h = engine.submit(GenerationRequest(messages=msgs, max_tokens=12))
+            h.text()
+            alone.append(h.token_ids)
+        handles = [engine.submit(GenerationRequest(messages=msgs, max_tokens=12)) for msgs in _requests()]
+        for h in handles:
+            h.text()
+        assert [h.token_ids for h in handles] == alone
+        assert sum(h.metrics.cached_media for h in handles) == 0
+    finally:
+        engine.shutdown()
+
+
 def test_requests_join_a_running_batch(engines):
     engine = engines("nvila-lite", max_batch_size=2)
     msgs = _requests()

@@ -61,7 +61,7 @@ def test_attention_is_bit_identical_to_eager_like_the_reference():
     assert torch.equal(ours, eager)
 
 
-def test_vision_attention_is_chunked_eager_on_cpu_and_sdpa_elsewhere(monkeypatch):
+def test_vision_attention_is_chunked_eager_in_float32_on_cpu_and_sdpa_otherwise(monkeypatch):
     import nvila.vision as V
 
     torch.manual_seed(2)
@@ -72,12 +72,14 @@ def test_vision_attention_is_chunked_eager_on_cpu_and_sdpa_elsewhere(monkeypatch
     calls = []
 
     def sdpa(module, query, key, value, mask, dropout=0.0, scaling=None, **kwargs):
-        calls.append((query.device.type, scaling, dropout))
+        calls.append((query.device.type, query.dtype, scaling, dropout))
         return query.transpose(1, 2), None
 
     monkeypatch.setattr(V, "sdpa_attention_forward", sdpa)
     out, _ = V.vision_attention(module, *(t.to("meta") for t in (q, k, v)), None, 0.35)
-    assert calls == [("meta", 0.35, 0.0)] and out.shape == (2, 19, 3, 8)
+    half, _ = V.vision_attention(module, *(t.bfloat16() for t in (q, k, v)), None, 0.35)
+    assert calls == [("meta", torch.float32, 0.35, 0.0), ("cpu", torch.bfloat16, 0.35, 0.0)]
+    assert out.shape == half.shape == (2, 19, 3, 8)
 
 
 def test_chunked_eager_attention_matches_eager_with_mask_and_ragged_chunks():
