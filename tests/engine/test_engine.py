@@ -69,9 +69,9 @@ def _requests():
     ]
 
 
-@pytest.mark.parametrize("prefix_cache_mib", [0, 512])
-def test_each_request_in_a_batch_gets_what_it_gets_alone(engines, prefix_cache_mib):
-    engine = engines("nvila", max_batch_size=8, prefix_cache_mib=prefix_cache_mib)
+def _alone_then_together(engine: Engine) -> list:
+    """Runs ``_requests()`` one at a time, then all submitted together; asserts that each request
+    of the batch gets the ids it got alone and returns the batch's handles."""
     alone = []
     for msgs in _requests():
         h = engine.submit(GenerationRequest(messages=msgs, max_tokens=12))
@@ -81,6 +81,13 @@ def test_each_request_in_a_batch_gets_what_it_gets_alone(engines, prefix_cache_m
     for h in handles:
         h.text()
     assert [h.token_ids for h in handles] == alone
+    return handles
+
+
+@pytest.mark.parametrize("prefix_cache_mib", [0, 512])
+def test_each_request_in_a_batch_gets_what_it_gets_alone(engines, prefix_cache_mib):
+    engine = engines("nvila", max_batch_size=8, prefix_cache_mib=prefix_cache_mib)
+    handles = _alone_then_together(engine)
     if prefix_cache_mib:  # the second round reuses each prompt's KV: one position is prefilled
         assert all(h.metrics.cached_tokens == h.metrics.prompt_tokens - 1 for h in handles)
     else:
@@ -95,16 +102,7 @@ def test_batch_equals_alone_in_bfloat16_on_the_cpu(tiny_checkpoints):
     engine = Engine(model, NVILAProcessor.from_pretrained(path),
                     EngineConfig(max_batch_size=8, vision_cache_size=0, prefix_cache_mib=0))
     try:
-        alone = []
-        for msgs in _requests():
-            h = engine.submit(GenerationRequest(messages=msgs, max_tokens=12))
-            h.text()
-            alone.append(h.token_ids)
-        handles = [engine.submit(GenerationRequest(messages=msgs, max_tokens=12)) for msgs in _requests()]
-        for h in handles:
-            h.text()
-        assert [h.token_ids for h in handles] == alone
-        assert sum(h.metrics.cached_media for h in handles) == 0
+        assert sum(h.metrics.cached_media for h in _alone_then_together(engine)) == 0
     finally:
         engine.shutdown()
 
