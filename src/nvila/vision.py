@@ -56,8 +56,8 @@ def eager_attention_chunked(module: nn.Module, query: Tensor, key: Tensor, value
     addition and softmax, element for element. What differs is where they are written:
 
     * the (·, H, chunk, L) score block stays in cache (~8x less peak memory than whole rows);
-    * in float32 without autograd, the score, probability and output blocks are allocated once per
-      call and reused, and on the CPU a call goes one image (tile) at a time. A fresh score block
+    * a call goes one image (tile) at a time, and in float32 without autograd the score,
+      probability and output blocks are allocated once per call and reused. A fresh score block
       per chunk for a batch of tiles (42 MB at 5 so400m tiles) can go through mmap and page faults
       every time: the whole tower on the caller's thread took 26-29 s against 19-20 s for 5 tiles
       at 2 threads (the engine's scheduler thread was as fast either way; RESULTS.md issue 23).
@@ -74,26 +74,25 @@ def eager_attention_chunked(module: nn.Module, query: Tensor, key: Tensor, value
     if dropout and module.training:
         raise ValueError("attention dropout is not supported by the chunked eager attention")
     b, heads, length, _ = query.shape
-    step = 1 if query.device.type == "cpu" else b  # images per block: the CPU's blocks stay small
     result = query.new_empty(b, length, heads, value.shape[-1])  # (B, L, H, D)
     out = result.transpose(1, 2)  # (B, H, L, D) view of it
     in_place = (query.dtype == torch.float32 and (attention_mask is None or attention_mask.dtype == torch.float32)
                 and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)))
     if in_place:  # flat buffers: every block taken from them is contiguous, as a fresh tensor is
         rows_max = min(chunk, length)
-        scores = query.new_empty(step * heads * rows_max * key.shape[2])
+        scores = query.new_empty(heads * rows_max * key.shape[2])
         probs = torch.empty_like(scores)
-        block = query.new_empty(step * heads * rows_max * value.shape[-1])
-    for first in range(0, b, step):
-        images = slice(first, first + step)
-        keys_t = key[images].transpose(-1, -2)  # (step, H, D, L)
+        block = query.new_empty(heads * rows_max * value.shape[-1])
+    for i in range(b):
+        images = slice(i, i + 1)  # one image, kept as a batch of 1
+        keys_t = key[images].transpose(-1, -2)  # (1, H, D, L)
         mask = None
         if attention_mask is not None:
             mask = attention_mask[images] if attention_mask.shape[0] > 1 else attention_mask
         for start in range(0, length, chunk):
             rows = slice(start, start + chunk)
             if in_place:
-                shape = (min(step, b - first), heads, min(chunk, length - start), key.shape[2])
+                shape = (1, heads, min(chunk, length - start), key.shape[2])
                 weights = torch.matmul(query[images, :, rows], keys_t, out=_block(scores, shape))
                 weights.mul_(scaling)
                 if mask is not None:
@@ -102,7 +101,7 @@ def eager_attention_chunked(module: nn.Module, query: Tensor, key: Tensor, value
                 block_shape = shape[:3] + value.shape[-1:]
                 out[images, :, rows] = torch.matmul(weights, value[images], out=_block(block, block_shape))
                 continue
-            weights = torch.matmul(query[images, :, rows], keys_t) * scaling  # (step, H, chunk, L)
+            weights = torch.matmul(query[images, :, rows], keys_t) * scaling  # (1, H, chunk, L)
             if mask is not None:
                 weights = weights + mask[..., rows, :]
             weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
