@@ -175,6 +175,11 @@ def _sdpa_backends(device: torch.device):
     return sdpa_kernel(CUDA_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _error_line(e: Exception) -> str:
+    """The first line of an exception's message, at most 200 characters, for a one-line warning."""
+    return str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+
+
 CONTINUATION_ROWS = 64  # a prefill after a reused prefix with at most this many tokens may run oneDNN
 
 
@@ -247,7 +252,7 @@ class Runner:
             except RuntimeError as e:  # rerunning rewrites the same cache positions
                 self.onednn_continuations = False
                 logger.warning("oneDNN's linear failed (%s); prefill continuations use the modules' linears",
-                               str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                               _error_line(e))
         with _sdpa_backends(embeds.device):
             return self._prefill(slot, embeds, start, _call)
 
@@ -295,8 +300,7 @@ class Runner:
                 return self.graphs.run(tokens, positions, length)
             except RuntimeError as e:  # a module that cannot be captured: eager from now on
                 self.graphs = None
-                logger.warning("CUDA graph decode failed (%s); decoding eagerly",
-                               str(e).splitlines()[0][:200] if str(e) else type(e).__name__)
+                logger.warning("CUDA graph decode failed (%s); decoding eagerly", _error_line(e))
         pos = torch.tensor(positions, device=tokens.device)
         valid = None  # rows at different positions mask the keys past their own
         if min(positions) != length - 1:

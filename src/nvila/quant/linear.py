@@ -135,6 +135,8 @@ def _info_once(key, message: str) -> None:
     if key not in _logged:
         _logged.add(key)
         logger.info(message)
+
+
 W8A8_CPU_KERNELS = ("avx2", "avx512-vnni", "fbgemm", "onednn")
 _W8A8_GEMVS = ("avx2", "avx512-vnni")  # nvila's own (cpu_kernels.cpp); the others are torch's quantized engines
 
