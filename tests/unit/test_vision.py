@@ -96,8 +96,8 @@ def test_chunked_eager_attention_matches_eager_with_mask_and_ragged_chunks():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_attention_with_reused_buffers_is_bitwise_the_per_chunk_expression(dtype):
-    """The float32 path writes into buffers reused across chunks and, on the CPU, goes one image at
-    a time; every element must still be what the plain per-chunk expression gives (the form that
+    """Every path goes one image at a time and the float32 one writes into buffers reused across
+    chunks; every element must still be what the plain per-chunk expression gives (the form that
     is bitwise the reference's eager attention), for ragged chunks, per-image and shared masks."""
     def plain(q, k, v, mask, scaling, chunk):
         out = torch.empty_like(q)
